@@ -1,0 +1,82 @@
+"""BadNets (Gu et al., 2017): a small opaque patch stamped at a fixed position."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bdlab.attacks.base import MaskPatternAttack
+from bdlab.attacks.patterns import load_pattern
+from bdlab.datasets.base import DatasetSplits
+from bdlab.errors import ConfigError
+
+_CORNERS = {"bottom_right", "bottom_left", "top_right", "top_left"}
+
+
+class BadNets(MaskPatternAttack):
+    """BadNets patch trigger: ``x'[patch] = colour`` ("Why is your Trojan NOT responding?" §4.1, item 1).
+
+    Args:
+        patch_size: side of the square patch in pixels (default 3), or ``[height, width]``.
+        position: ``bottom_right`` (default), ``bottom_left``, ``top_right``, ``top_left``, or
+            ``[row, col]`` of the patch's top-left pixel.
+        margin: pixels left between the patch and the corner's borders (default 0; the
+            "Why is your Trojan" paper leaves 3 for its 5x5 square).
+        color: pixel value(s) in ``[0, 255]``, one per channel or one for all (default 255, white).
+        pattern_file: an image file used as the patch instead of a plain colour (its own size).
+        poison_rate, target_class, seed: see :class:`~bdlab.attacks.base.Attack`.
+    """
+
+    name = "badnets"
+
+    def __init__(self, patch_size: int | list[int] = 3, position: str | list[int] = "bottom_right", margin: int = 0,
+                 color: float | list[float] = 255, pattern_file: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.patch_size = [patch_size, patch_size] if isinstance(patch_size, int) else list(patch_size)
+        self.position = position if isinstance(position, str) else list(position)
+        self.margin = margin
+        self.color = color if isinstance(color, (int, float)) else list(color)
+        self.pattern_file = pattern_file
+
+    def _patch(self, channels: int) -> torch.Tensor:
+        if self.pattern_file is not None:
+            return load_pattern("attack.pattern_file", self.pattern_file, channels)
+        colors = [self.color] if isinstance(self.color, (int, float)) else self.color
+        if len(colors) not in (1, channels) or any(not 0 <= c <= 255 for c in colors):
+            raise ConfigError("attack.color", f"got {self.color}, must be one value or {channels} values in [0, 255]")
+        value = torch.tensor(colors, dtype=torch.float32).div(255.0).expand(channels).clone()
+        height, width = self.patch_size
+        if height < 1 or width < 1:
+            raise ConfigError("attack.patch_size", f"got {self.patch_size}, must be >= 1")
+        return value.view(-1, 1, 1).expand(channels, height, width).clone()
+
+    def _origin(self, patch_hw: tuple[int, int], image_hw: tuple[int, int]) -> tuple[int, int]:
+        (ph, pw), (ih, iw) = patch_hw, image_hw
+        if isinstance(self.position, str):
+            if self.position not in _CORNERS:
+                raise ConfigError("attack.position", f"got {self.position!r}, must be one of {sorted(_CORNERS)} or "
+                                  "[row, col]")
+            row = self.margin if self.position.startswith("top") else ih - ph - self.margin
+            col = self.margin if self.position.endswith("left") else iw - pw - self.margin
+            return row, col
+        if len(self.position) != 2:
+            raise ConfigError("attack.position", f"got {self.position}, a position is [row, col]")
+        return int(self.position[0]), int(self.position[1])
+
+    def setup(self, data: DatasetSplits) -> None:
+        super().setup(data)
+        channels, (ih, iw) = data.channels, data.size
+        patch = self._patch(channels)
+        ph, pw = patch.shape[1:]
+        if ph > ih or pw > iw:
+            raise ConfigError("attack.patch_size", f"patch {ph}x{pw} is larger than the {ih}x{iw} image")
+        row, col = self._origin((ph, pw), (ih, iw))
+        if row < 0 or col < 0 or row + ph > ih or col + pw > iw:
+            raise ConfigError("attack.position", f"patch {ph}x{pw} at row {row}, col {col} lies off the {ih}x{iw} "
+                              "image; move it or shrink it")
+        self.origin = (row, col)
+        self.mask = torch.zeros(1, ih, iw)
+        self.mask[:, row:row + ph, col:col + pw] = 1.0
+        self.pattern = torch.zeros(channels, ih, iw)
+        self.pattern[:, row:row + ph, col:col + pw] = patch

@@ -1,0 +1,144 @@
+"""The attack base class: seeded poison indices, batched stamping, relabelling, poisoned sets."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bdlab.datasets.base import DatasetSplits, ImageSet, to_float, to_uint8
+from bdlab.errors import ConfigError, check_range
+
+STAMP_CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class PoisonedSet(ImageSet):
+    """A training set as the attacker hands it over: images, (relabelled) labels, poison flags."""
+
+    is_poison: Tensor = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.is_poison is None or self.is_poison.shape != self.labels.shape or self.is_poison.dtype != torch.bool:
+            raise ValueError("is_poison must be a bool tensor with one flag per image")
+
+
+class Attack(ABC):
+    """Base of every attack (TrojanZoo's taxonomy; DESIGN.md "Attack").
+
+    Args:
+        poison_rate: fraction of the training set replaced by poisoned samples, drawn from
+            non-target classes (dirty-label); for clean-label attacks, the fraction of the
+            target class that is poisoned. Default 0.1.
+        target_class: the class every poisoned input should be classified as. Default 0.
+        seed: fixes the poison indices and any random trigger.
+
+    Subclasses build their trigger in :meth:`setup` (which sees the dataset's shape) and
+    stamp float batches in ``[0, 1]`` in :meth:`apply`, vectorised, on any device.
+    """
+
+    name = "attack"
+    clean_label = False
+
+    def __init__(self, poison_rate: float = 0.1, target_class: int = 0, seed: int = 0) -> None:
+        check_range("attack.poison_rate", poison_rate, 0.0, 1.0, low_open=True)
+        self.poison_rate = poison_rate
+        self.target_class = target_class
+        self.seed = seed
+
+    def setup(self, data: DatasetSplits) -> None:
+        """Validate against the dataset and build the trigger; raises ConfigError before any training."""
+        if not 0 <= self.target_class < data.num_classes:
+            raise ConfigError("attack.target_class", f"got {self.target_class}, must be in [0, {data.num_classes - 1}] "
+                              f"for {data.name}")
+        self.poison_indices(data.train.labels)  # checks the rate leaves enough candidates
+
+    @abstractmethod
+    def apply(self, x: Tensor) -> Tensor:
+        """Stamp the trigger on a float batch ``(N, C, H, W)`` in ``[0, 1]``; returns a new tensor."""
+
+    @property
+    def trigger_mask(self) -> Tensor | None:
+        """``(H, W)`` bool mask of the pixels the trigger may change, or None for image-wide triggers."""
+        return None
+
+
+    def poison_indices(self, labels: Tensor) -> Tensor:
+        """The fixed, seeded, sorted indices of the training samples to poison."""
+        if self.clean_label:
+            candidates = (labels == self.target_class).nonzero().flatten()
+        else:
+            candidates = (labels != self.target_class).nonzero().flatten()
+        base = len(candidates) if self.clean_label else len(labels)
+        count = int(round(self.poison_rate * base))
+        if count > len(candidates):
+            raise ConfigError("attack.poison_rate", f"{self.poison_rate} asks for {count} poisoned samples but only "
+                              f"{len(candidates)} lie outside the target class; use at most "
+                              f"{len(candidates) / len(labels):.3f}")
+        if count == 0:
+            raise ConfigError("attack.poison_rate", f"{self.poison_rate} poisons no sample of {base}; raise it")
+        generator = torch.Generator().manual_seed(self.seed)
+        chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
+        return chosen.sort().values
+
+    def stamp(self, images: Tensor, device: torch.device | str = "cpu") -> Tensor:
+        """Stamp uint8 images in chunks on ``device``; returns uint8 on the input's device."""
+        out = torch.empty_like(images)
+        for start in range(0, len(images), STAMP_CHUNK):
+            chunk = images[start:start + STAMP_CHUNK].to(device)
+            out[start:start + STAMP_CHUNK] = to_uint8(self.apply(to_float(chunk))).to(images.device)
+        return out
+
+    def poison_train(self, train: ImageSet, device: torch.device | str = "cpu") -> PoisonedSet:
+        """Replace the poison samples by stamped, relabelled copies (labels kept for clean-label)."""
+        index = self.poison_indices(train.labels)
+        images, labels = train.images.clone(), train.labels.clone()
+        images[index] = self.stamp(train.images[index], device)
+        if not self.clean_label:
+            labels[index] = self.target_class
+        flags = torch.zeros(len(train), dtype=torch.bool)
+        flags[index] = True
+        return PoisonedSet(images, labels, flags)
+
+    def poison_test(self, test: ImageSet, device: torch.device | str = "cpu") -> ImageSet:
+        """Stamped copies of the test images whose true label is not the target; labels stay the true ones."""
+        keep = (test.labels != self.target_class).nonzero().flatten()
+        return ImageSet(self.stamp(test.images[keep], device), test.labels[keep])
+
+
+class NoAttack(Attack):
+    """No backdoor: the trojaned model is the clean reference and attack metrics are not reported."""
+
+    name = "none"
+
+    def __init__(self, **_: Any) -> None:
+        super().__init__(poison_rate=1.0)
+
+    def setup(self, data: DatasetSplits) -> None:
+        pass
+
+    def apply(self, x: Tensor) -> Tensor:
+        return x.clone()
+
+
+class MaskPatternAttack(Attack):
+    """An attack whose trigger is ``x' = (1 - m) * x + m * p`` for a fixed mask ``m`` and pattern ``p``.
+
+    BadNets (``m`` = 1 on a patch) and Blended (``m`` = alpha everywhere) are both of this form.
+    Subclasses set ``self.mask`` ``(1, H, W)`` and ``self.pattern`` ``(C, H, W)`` in ``setup``.
+    """
+
+    mask: Tensor
+    pattern: Tensor
+
+    def apply(self, x: Tensor) -> Tensor:
+        mask = self.mask.to(x.device, x.dtype)
+        return x + mask * (self.pattern.to(x.device, x.dtype) - x)
+
+    @property
+    def trigger_mask(self) -> Tensor:
+        return self.mask[0] > 0

@@ -1,0 +1,156 @@
+"""One run, end to end: data -> attack -> clean and trojaned models -> defense -> metrics.
+
+Every input is validated before anything is trained or written (``ConfigError``); models
+come from the artifact cache when an identical config built them before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.loggers import Logger
+
+from bdlab.attacks.base import Attack, NoAttack, PoisonedSet
+from bdlab.cache import ArtifactCache
+from bdlab.datasets.base import DatasetSplits, ImageSet
+from bdlab.defenses.base import Defense, DefenseContext
+from bdlab.errors import build
+from bdlab.evaluate import predict_logits
+from bdlab.metrics import accuracy, attack_success_rate, target_confidence, true_class_confidence
+from bdlab.models.classifier import Classifier, build_classifier
+from bdlab.training.augment import TrainAugment
+from bdlab.training.fit import fit_classifier
+
+log = logging.getLogger(__name__)
+
+# config keys that do not change what a dataset contains
+_DATASET_LOCATION_KEYS = ("root", "download", "system_dir")
+
+
+@dataclass
+class Experiment:
+    """The validated objects of one run, built from its config before any training."""
+
+    cfg: DictConfig
+    data: DatasetSplits
+    attack: Attack
+    defense: Defense
+    device: torch.device
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def new_model(self) -> Classifier:
+        """A freshly initialised classifier; seeded so the clean and trojaned models start identical."""
+        pl.seed_everything(int(self.cfg.seed), verbose=False)
+        return build_classifier(build(self.cfg.model.net), self.data.input_shape, self.data.num_classes,
+                                self.data.mean, self.data.std)
+
+
+def resolve_device(trainer_cfg: DictConfig) -> torch.device:
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def prepare(cfg: DictConfig) -> Experiment:
+    """Load the data and instantiate attack and defense; raises ConfigError on any invalid value."""
+    started = time.perf_counter()
+    data: DatasetSplits = build(cfg.dataset).load()
+    load_time = time.perf_counter() - started
+    attack: Attack = build(cfg.attack)
+    attack.setup(data)
+    defense: Defense = build(cfg.defense)
+    defense.setup(data, attack)
+    experiment = Experiment(cfg, data, attack, defense, resolve_device(cfg.trainer))
+    experiment.new_model()  # checks that the model accepts the dataset's input
+    experiment.timings["data_load_s"] = load_time
+    return experiment
+
+
+def model_spec(cfg: DictConfig, with_attack: bool) -> dict[str, Any]:
+    """Exactly the config that determines a trained model (never the defense, logger or paths)."""
+    dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
+               if k not in _DATASET_LOCATION_KEYS}
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return {
+        "dataset": dataset,
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
+        "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
+        "recipe": {"max_epochs": trainer.get("max_epochs"), "precision": trainer.get("precision")},
+        "attack": OmegaConf.to_container(cfg.attack, resolve=True) if with_attack else None,
+        "seed": int(cfg.seed),
+    }
+
+
+def trained_model(experiment: Experiment, cache: ArtifactCache, kind: str, spec: dict[str, Any],
+                  train: ImageSet, loggers: list[Logger]) -> tuple[Classifier, bool]:
+    """The model for ``spec`` from the cache, or trained on ``train`` and stored."""
+    model = experiment.new_model()
+    augment = TrainAugment(experiment.data.crop_padding, experiment.data.hflip)
+
+    def train_state() -> dict[str, torch.Tensor]:
+        started = time.perf_counter()
+        fit_classifier(model, train, experiment.cfg, train_transform=augment, loggers=loggers, name=kind)
+        experiment.timings[f"{kind}_train_s"] = time.perf_counter() - started
+        return model.state_dict()
+
+    state, reused = cache.get_or_build(f"models/{kind}", spec, train_state)
+    if reused:
+        model.load_state_dict(state)
+    return model.to(experiment.device).eval(), reused
+
+
+def attack_metrics(model: Classifier, data: DatasetSplits, attack: Attack,
+                   poisoned_test: ImageSet | None, prefix: str) -> dict[str, float]:
+    clean_logits = predict_logits(model, data.test.images)
+    metrics = {f"{prefix}/acc": accuracy(clean_logits, data.test.labels),
+               f"{prefix}/ccc": true_class_confidence(clean_logits, data.test.labels)}
+    if poisoned_test is not None:
+        poisoned_logits = predict_logits(model, poisoned_test.images)
+        metrics[f"{prefix}/asr"] = attack_success_rate(poisoned_logits, attack.target_class)
+        metrics[f"{prefix}/tmc"] = target_confidence(poisoned_logits, attack.target_class)
+    return metrics
+
+
+def execute(experiment: Experiment, cache_dir: str | Path, output_dir: Path,
+            loggers: list[Logger]) -> dict[str, Any]:
+    """Train (or reuse) both models, evaluate, defend; returns the metrics, timings and artifact records."""
+    cfg, data, attack = experiment.cfg, experiment.data, experiment.attack
+    cache = ArtifactCache(cache_dir)
+    clean_spec = model_spec(cfg, with_attack=False)
+    clean_model, clean_reused = trained_model(experiment, cache, "clean", clean_spec, data.train, loggers)
+    artifacts = {"clean_model": {"path": str(cache.path("models/clean", clean_spec)), "reused": clean_reused}}
+
+    poisoned_train: PoisonedSet | None = None
+    poisoned_test: ImageSet | None = None
+    if isinstance(attack, NoAttack):
+        trojan_model = clean_model
+    else:
+        started = time.perf_counter()
+        poisoned_train = attack.poison_train(data.train, experiment.device)
+        poisoned_test = attack.poison_test(data.test, experiment.device)
+        experiment.timings["poison_s"] = time.perf_counter() - started
+        trojan_spec = model_spec(cfg, with_attack=True)
+        trojan_model, trojan_reused = trained_model(experiment, cache, "trojan", trojan_spec, poisoned_train, loggers)
+        artifacts["trojan_model"] = {"path": str(cache.path("models/trojan", trojan_spec)), "reused": trojan_reused}
+
+    started = time.perf_counter()
+    metrics = attack_metrics(clean_model, data, attack, None, "clean")
+    metrics.update(attack_metrics(trojan_model, data, attack, poisoned_test, "trojan"))
+    metrics["attack/cad"] = metrics["clean/acc"] - metrics["trojan/acc"]
+    experiment.timings["evaluate_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    context = DefenseContext(data, attack, clean_model, trojan_model, poisoned_train, poisoned_test, output_dir,
+                             baseline=dict(metrics))
+    metrics.update(experiment.defense.run(context))
+    experiment.timings["defense_s"] = time.perf_counter() - started
+    return {"metrics": metrics, "artifacts": artifacts}

@@ -1,0 +1,1 @@
+"""Victim training: in-memory batch loading, batched augmentation, one LightningModule."""

@@ -1,0 +1,112 @@
+"""``python -m bdlab.run`` end to end on synthetic data; bad input stops before anything is written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bdlab.compose import CONFIG_DIR, compose_config
+from bdlab.errors import ConfigError
+from bdlab.pipeline import prepare
+from tests.conftest import TINY_RUN
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def bdlab_run(tmp_path: Path, *overrides: str, run_dir: str = "run") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "bdlab.run", *TINY_RUN, *overrides,
+                           f"hydra.run.dir={tmp_path / run_dir}"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_end_to_end_then_cache_reuse(tmp_path: Path) -> None:
+    first = bdlab_run(tmp_path, "attack.poison_rate=0.2", "attack.patch_size=4", "logger=csv", run_dir="one")
+    assert first.returncode == 0, first.stderr[-2000:]
+    results = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert results["status"] == "ok"
+    assert (results["dataset"], results["model"], results["attack"], results["defense"]) == \
+        ("synthetic", "lenet", "badnets", "none")
+    metrics = results["metrics"]
+    assert set(metrics) >= {"clean/acc", "trojan/acc", "trojan/asr", "trojan/tmc", "trojan/ccc", "attack/cad"}
+    assert metrics["attack/cad"] == pytest.approx(metrics["clean/acc"] - metrics["trojan/acc"])
+    assert metrics["trojan/acc"] > 80 and metrics["trojan/asr"] > 80
+    assert results["config"]["attack"]["poison_rate"] == 0.2 and results["seed"] == 0
+    assert results["versions"]["torch"] and "total_s" in results["timings"]
+    assert not results["artifacts"]["clean_model"]["reused"]
+    assert "trojan/asr" in first.stdout
+    csv_files = list((tmp_path / "one" / "csv").rglob("metrics.csv"))
+    assert csv_files and "trojan/asr" in csv_files[0].read_text()
+
+    second = bdlab_run(tmp_path, "attack.poison_rate=0.2", "attack.patch_size=4", run_dir="two")
+    assert second.returncode == 0, second.stderr[-2000:]
+    again = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert again["artifacts"]["clean_model"]["reused"] and again["artifacts"]["trojan_model"]["reused"]
+    assert "reusing cached models/clean" in second.stdout + second.stderr
+    assert again["metrics"] == metrics
+
+
+def test_wandb_offline_logging(tmp_path: Path) -> None:
+    result = bdlab_run(tmp_path, "attack=none", "logger=wandb", "trainer.max_epochs=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert runs, "W&B must run offline when no credentials are configured"
+
+
+@pytest.mark.parametrize("override, field", [
+    ("attack.poison_rate=0", "attack.poison_rate"),
+    ("attack.target_class=12", "attack.target_class"),
+])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, override: str, field: str) -> None:
+    result = bdlab_run(tmp_path, override)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and field in errors[0], result.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["attack.poison_rate=1.5"], "attack.poison_rate"),
+    (["attack.target_class=-1"], "attack.target_class"),
+    (["attack.patch_size=17"], "attack.patch_size"),
+    (["attack.position=[15,15]"], "attack.position"),
+    (["attack=blended", "attack.alpha=1.2"], "attack.alpha"),
+    (["attack=blended", "attack.pattern_file=/no/such.png"], "attack.pattern_file"),
+    (["attack.pattern_file=/no/such.png"], "attack.pattern_file"),
+    (["model=vgg16_bn"], "model"),
+])
+def test_bad_values_are_refused_before_training(overrides: list[str], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        prepare(compose_config([*TINY_RUN, *overrides]))
+    assert str(info.value).startswith(field)
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100", "svhn", "gtsrb"])
+def test_absent_dataset_offline_is_refused(dataset: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        prepare(compose_config([f"dataset={dataset}", "dataset.download=false", "logger=none"]))
+    assert str(info.value).startswith("dataset:") and "\n" not in str(info.value)
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", ["dataset", "model", "attack", "defense", "trainer", "logger"])
+def test_every_option_composes(group: str) -> None:
+    for option in options(group):
+        cfg = compose_config([f"{group}={option}"])
+        assert group in cfg or group == "logger"
+
+
+@pytest.mark.parametrize("option", ["lenet", "resnet18", "preact_resnet18"])
+def test_models_instantiate_on_synthetic_rgb(option: str) -> None:
+    cfg = compose_config([*TINY_RUN, "dataset.channels=3", "dataset.size=32", f"model={option}"])
+    experiment = prepare(cfg)
+    assert experiment.new_model()(experiment.data.test.images[:2].float() / 255).shape == (2, 10)

@@ -1,0 +1,39 @@
+"""The benchmark and export entry points."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bdlab import bench, export
+from tests.conftest import TINY_RUN
+
+TINY_OVERRIDES = [o for o in TINY_RUN if not o.startswith(("logger=", "trainer.max_epochs", "trainer.enable"))]
+
+
+def test_bench_train_writes_a_table(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "train.md"
+    assert bench.main(["train", *TINY_OVERRIDES, "--repeats", "1", "--out", str(out)]) == 0
+    table = out.read_text()
+    assert "| synthetic | lenet | none |" in table and "| synthetic | lenet | badnets |" in table
+    assert "images/s" in capsys.readouterr().out
+
+
+def test_bench_bad_input(tmp_path: Path) -> None:
+    assert bench.main(["train", *TINY_OVERRIDES, "attack.poison_rate=2", "--out", str(tmp_path / "t.md")]) == 2
+    assert not (tmp_path / "t.md").exists()
+
+
+def test_export_roundtrip(tmp_path: Path) -> None:
+    out = tmp_path / "poisoned.safetensors"
+    assert export.main([f"out={out}", *TINY_OVERRIDES, "attack.poison_rate=0.2"]) == 0
+    poisoned, metadata = export.load_poisoned_set(out)
+    assert poisoned.images.dtype == torch.uint8 and len(poisoned) == 2000
+    assert int(poisoned.is_poison.sum()) == 400 and (poisoned.labels[poisoned.is_poison] == 0).all()
+    assert metadata["attack"] == "badnets" and '"poison_rate": 0.2' in metadata["attack_config"]
+
+
+def test_export_refuses_no_attack(tmp_path: Path) -> None:
+    assert export.main([f"out={tmp_path / 'x.safetensors'}", *TINY_OVERRIDES, "attack=none"]) == 2
+    assert not (tmp_path / "x.safetensors").exists()
