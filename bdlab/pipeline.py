@@ -6,6 +6,7 @@ come from the artifact cache when an identical config built them before.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,10 +18,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 
+from bdlab.analysis.base import Analysis
 from bdlab.attacks.base import Attack, NoAttack, PoisonedSet
-from bdlab.cache import ArtifactCache
+from bdlab.cache import ArtifactCache, spec_hash
+from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits, ImageSet
-from bdlab.defenses.base import Defense, DefenseContext
+from bdlab.defenses.base import Defense
 from bdlab.errors import build
 from bdlab.evaluate import predict_logits
 from bdlab.metrics import accuracy, attack_success_rate, target_confidence, true_class_confidence
@@ -42,6 +45,7 @@ class Experiment:
     data: DatasetSplits
     attack: Attack
     defense: Defense
+    analyses: list[Analysis]
     device: torch.device
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -68,7 +72,10 @@ def prepare(cfg: DictConfig) -> Experiment:
     attack.setup(data)
     defense: Defense = build(cfg.defense)
     defense.setup(data, attack)
-    experiment = Experiment(cfg, data, attack, defense, resolve_device(cfg.trainer))
+    analyses: list[Analysis] = [build(node) for node in (cfg.get("analysis") or {}).values()]
+    for analysis in analyses:
+        analysis.setup(data, attack)
+    experiment = Experiment(cfg, data, attack, defense, analyses, resolve_device(cfg.trainer))
     experiment.new_model()  # checks that the model accepts the dataset's input
     experiment.timings["data_load_s"] = load_time
     return experiment
@@ -91,14 +98,19 @@ def model_spec(cfg: DictConfig, with_attack: bool) -> dict[str, Any]:
 
 
 def trained_model(experiment: Experiment, cache: ArtifactCache, kind: str, spec: dict[str, Any],
-                  train: ImageSet, loggers: list[Logger]) -> tuple[Classifier, bool]:
-    """The model for ``spec`` from the cache, or trained on ``train`` and stored."""
+                  train: ImageSet, loggers: list[Logger], attack: Attack | None = None) -> tuple[Classifier, bool]:
+    """The model for ``spec`` from the cache, or trained on ``train`` and stored.
+
+    ``attack`` (for trojaned models) may change training through its ``train_transform``,
+    applied after the dataset's augmentation.
+    """
     model = experiment.new_model()
     augment = TrainAugment(experiment.data.crop_padding, experiment.data.hflip)
+    transform = augment if attack is None else (lambda x: attack.train_transform(augment(x)))
 
     def train_state() -> dict[str, torch.Tensor]:
         started = time.perf_counter()
-        fit_classifier(model, train, experiment.cfg, train_transform=augment, loggers=loggers, name=kind)
+        fit_classifier(model, train, experiment.cfg, train_transform=transform, loggers=loggers, name=kind)
         experiment.timings[f"{kind}_train_s"] = time.perf_counter() - started
         return model.state_dict()
 
@@ -139,7 +151,8 @@ def execute(experiment: Experiment, cache_dir: str | Path, output_dir: Path,
         poisoned_test = attack.poison_test(data.test, experiment.device)
         experiment.timings["poison_s"] = time.perf_counter() - started
         trojan_spec = model_spec(cfg, with_attack=True)
-        trojan_model, trojan_reused = trained_model(experiment, cache, "trojan", trojan_spec, poisoned_train, loggers)
+        trojan_model, trojan_reused = trained_model(experiment, cache, "trojan", trojan_spec, poisoned_train, loggers,
+                                                    attack)
         artifacts["trojan_model"] = {"path": str(cache.path("models/trojan", trojan_spec)), "reused": trojan_reused}
 
     started = time.perf_counter()
@@ -148,9 +161,25 @@ def execute(experiment: Experiment, cache_dir: str | Path, output_dir: Path,
     metrics["attack/cad"] = metrics["clean/acc"] - metrics["trojan/acc"]
     experiment.timings["evaluate_s"] = time.perf_counter() - started
 
+    def retrain(train: ImageSet, tag: str) -> Classifier:
+        spec = {**clean_spec, "retrain": tag, "train_content": tensor_digest(train)}
+        model, reused = trained_model(experiment, cache, "retrained", spec, train, loggers)
+        artifacts[f"retrained_{tag}"] = {"path": str(cache.path("models/retrained", spec)), "reused": reused}
+        return model
+
+    context = RunContext(cfg, data, attack, clean_model, trojan_model, poisoned_train, poisoned_test, output_dir,
+                         experiment.device, retrain, baseline=dict(metrics), loggers=loggers)
     started = time.perf_counter()
-    context = DefenseContext(data, attack, clean_model, trojan_model, poisoned_train, poisoned_test, output_dir,
-                             baseline=dict(metrics))
     metrics.update(experiment.defense.run(context))
     experiment.timings["defense_s"] = time.perf_counter() - started
+    for analysis in experiment.analyses:
+        started = time.perf_counter()
+        metrics.update(analysis.run(context))
+        experiment.timings[f"analysis_{analysis.name}_s"] = time.perf_counter() - started
     return {"metrics": metrics, "artifacts": artifacts}
+
+
+def tensor_digest(images: ImageSet) -> str:
+    """A content hash of a training set, so a model retrained on it is cached by what it saw."""
+    return spec_hash({"images": hashlib.sha256(images.images.numpy().tobytes()).hexdigest(),
+                      "labels": hashlib.sha256(images.labels.numpy().tobytes()).hexdigest()})

@@ -23,7 +23,7 @@ log = logging.getLogger("bdlab")
 
 def run_names(cfg: DictConfig, experiment) -> dict[str, str]:
     """The four names a results table pivots on."""
-    return {"dataset": experiment.data.name, "model": str(cfg.model.name), "attack": experiment.attack.name,
+    return {"dataset": experiment.data.name, "model": str(cfg.model.name), "attack": experiment.attack.display_name,
             "defense": experiment.defense.name}
 
 

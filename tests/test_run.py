@@ -98,11 +98,11 @@ def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-@pytest.mark.parametrize("group", ["dataset", "model", "attack", "defense", "trainer", "logger"])
+@pytest.mark.parametrize("group", ["dataset", "model", "attack", "defense", "trainer", "logger", "analysis"])
 def test_every_option_composes(group: str) -> None:
     for option in options(group):
         cfg = compose_config([f"{group}={option}"])
-        assert group in cfg or group == "logger"
+        assert group in cfg or group in ("logger", "analysis")
 
 
 @pytest.mark.parametrize("option", ["lenet", "resnet18", "preact_resnet18"])

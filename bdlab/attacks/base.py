@@ -62,6 +62,16 @@ class Attack(ABC):
         """Stamp the trigger on a float batch ``(N, C, H, W)`` in ``[0, 1]``; returns a new tensor."""
 
     @property
+    def display_name(self) -> str:
+        """The name results and tables show for this attack."""
+        return self.name
+
+    def train_transform(self, x: Tensor) -> Tensor:
+        """A batched transform applied to *every* training image of the trojaned model, after the
+        dataset's augmentation (identity unless the attack changes training)."""
+        return x
+
+    @property
     def trigger_mask(self) -> Tensor | None:
         """``(H, W)`` bool mask of the pixels the trigger may change, or None for image-wide triggers."""
         return None

@@ -1,5 +1,5 @@
 """Backdoor defenses, by TrojanZoo's four categories, each with its own evaluation protocol."""
 
-from bdlab.defenses.base import Defense, DefenseContext, NoDefense
+from bdlab.defenses.base import Defense, NoDefense
 
-__all__ = ["Defense", "DefenseContext", "NoDefense"]
+__all__ = ["Defense", "NoDefense"]

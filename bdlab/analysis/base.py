@@ -1,0 +1,29 @@
+"""The analysis base class: validated before training, run on the trained models, writes files."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+from bdlab.attacks.base import Attack
+from bdlab.context import RunContext
+from bdlab.datasets.base import DatasetSplits
+
+
+class Analysis(ABC):
+    """Base of every option of the ``analysis`` group (several may run: ``analysis=[a,b]``).
+
+    ``setup`` raises ConfigError on values that cannot work, before anything is trained;
+    ``run`` writes its CSV / PNG files under ``context.output_dir / name``, logs them to
+    ``context.loggers``, and returns scalar summaries for ``results.json`` under
+    ``analysis/<name>/...`` keys.
+    """
+
+    name = "analysis"
+
+    def setup(self, data: DatasetSplits, attack: Attack) -> None:
+        """Validate against the dataset and attack."""
+
+    @abstractmethod
+    def run(self, context: RunContext) -> dict[str, Any]:
+        """Run the study on the trained models."""

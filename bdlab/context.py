@@ -1,0 +1,40 @@
+"""What the pipeline hands to defenses and analyses once the models exist."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+from pytorch_lightning.loggers import Logger
+
+from bdlab.attacks.base import Attack, PoisonedSet
+from bdlab.datasets.base import DatasetSplits, ImageSet
+from bdlab.models.classifier import Classifier
+
+
+@dataclass
+class RunContext:
+    """The data, both models and the attack's published ground truth (target class, trigger mask).
+
+    ``poisoned_test`` holds the stamped test images of non-target classes with their *true*
+    labels (None without an attack); ``baseline`` the undefended metrics, so a defense reports
+    differences to them. ``retrain(train_set, tag)`` trains a fresh model with the run's recipe
+    on any training set (cached by its content), for defenses that filter training data.
+    ``output_dir`` is where files (CSV, PNG) go; ``loggers`` take tables and images.
+    """
+
+    cfg: DictConfig
+    data: DatasetSplits
+    attack: Attack
+    clean_model: Classifier
+    trojan_model: Classifier
+    poisoned_train: PoisonedSet | None
+    poisoned_test: ImageSet | None
+    output_dir: Path
+    device: torch.device
+    retrain: Callable[[ImageSet, str], Classifier]
+    baseline: dict[str, float] = field(default_factory=dict)
+    loggers: list[Logger] = field(default_factory=list)
