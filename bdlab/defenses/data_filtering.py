@@ -1,0 +1,112 @@
+"""The training-data filtering protocol, for defenses that score samples by their penultimate features.
+
+``mode: train_data`` (the defenses' original setting): every sample of the poisoned training
+set gets a suspicion score and the algorithm's own keep/remove decision. Against the true
+poison flags the protocol reports ``defense/poison_tpr`` and ``defense/poison_fpr`` (percent
+of poisoned / clean samples removed), ``defense/poison_roc_auc`` (from the continuous scores)
+and ``defense/removed``. With ``retrain: true`` a fresh model is trained with the run's recipe
+on the kept samples (``RunContext.retrain``, cached by content) and ``defense/acc``,
+``defense/asr``, ``defense/ard`` (ASR before - after) and ``defense/cad`` (ACC before - after)
+are reported against the undefended trojan model.
+
+``mode: inference`` (TrojanZoo's use): the incoming inputs (held-out clean, clean test,
+poisoned test) are grouped by the trojan model's *predicted* class, scored the same way, and
+evaluated with the input-filtering protocol of :mod:`bdlab.defenses.filtering`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import abstractmethod
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bdlab.attacks.base import Attack, NoAttack
+from bdlab.context import RunContext
+from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
+from bdlab.defenses.filtering import InputFilteringDefense, rate, roc_auc
+from bdlab.errors import ConfigError
+from bdlab.evaluate import EVAL_BATCH, model_device, predict_logits
+from bdlab.metrics import accuracy, attack_success_rate
+from bdlab.models.classifier import Classifier
+
+MODES = ("train_data", "inference")
+
+
+@torch.inference_mode()
+def penultimate_features(model: Classifier, images: Tensor, batch_size: int = EVAL_BATCH) -> tuple[Tensor, Tensor]:
+    """Penultimate features (float32, CPU) and predicted classes of uint8 ``images``."""
+    model.eval()
+    device = model_device(model)
+    features, predictions = [], []
+    for start in range(0, len(images), batch_size):
+        x = to_float(images[start:start + batch_size].to(device))
+        features.append(model.penultimate(x).float().cpu())
+        predictions.append(model(x).argmax(1).cpu())
+    return torch.cat(features), torch.cat(predictions)
+
+
+class DataFilteringDefense(InputFilteringDefense):
+    """Base of defenses that find poisoned samples in penultimate features, class by class.
+
+    Subclasses implement :meth:`detect`. Args:
+        mode: ``train_data`` (default) or ``inference`` (see the module docstring).
+        retrain: in ``train_data`` mode, retrain on the kept samples and report ASR/ACC/ARD/CAD
+            (default true). Needs a poisoned training set, so not with ``attack=none``.
+        fpr, max_inputs, seed: the input-filtering protocol's, used in ``inference`` mode.
+    """
+
+    category = "data_filtering"
+
+    def __init__(self, mode: str = "train_data", retrain: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if mode not in MODES:
+            raise ConfigError("defense.mode", f"got {mode!r}, must be one of {list(MODES)}")
+        self.mode, self.retrain = mode, retrain
+        if mode == "inference":
+            self.category = "input_filtering"
+
+    def setup(self, data: DatasetSplits, attack: Attack) -> None:
+        if self.mode == "train_data" and self.retrain and isinstance(attack, NoAttack):
+            raise ConfigError("defense.retrain", "retraining on the kept samples needs a poisoned training set, and "
+                              "attack=none has none; pick an attack or set defense.retrain=false")
+
+    @abstractmethod
+    def detect(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """``(scores, flags)`` per sample: continuous suspicion and the algorithm's own removal decision."""
+
+    def scores(self, context: RunContext, images: Tensor) -> Tensor:
+        features, predictions = penultimate_features(context.trojan_model, images)
+        return self.detect(features, predictions)[0]
+
+    def run(self, context: RunContext) -> dict[str, Any]:
+        if self.mode == "inference":
+            return super().run(context)
+        train = context.poisoned_train
+        if train is None:  # attack=none without retraining: every sample is clean
+            train = ImageSet(context.data.train.images, context.data.train.labels)
+            is_poison = torch.zeros(len(train), dtype=torch.bool)
+        else:
+            is_poison = train.is_poison
+        features, _ = penultimate_features(context.trojan_model, train.images)
+        scores, flags = self.detect(features, train.labels)
+        metrics: dict[str, Any] = {
+            "defense/poison_tpr": rate(flags[is_poison]),
+            "defense/poison_fpr": rate(flags[~is_poison]),
+            "defense/poison_roc_auc": roc_auc(scores[~is_poison], scores[is_poison]),
+            "defense/removed": int(flags.sum()),
+        }
+        if self.retrain and context.poisoned_test is not None:
+            keep = (~flags).nonzero().flatten()
+            model = context.retrain(ImageSet(train.images[keep], train.labels[keep]), self.name)
+            acc = accuracy(predict_logits(model, context.data.test.images), context.data.test.labels)
+            asr = attack_success_rate(predict_logits(model, context.poisoned_test.images), context.attack.target_class)
+            metrics.update({
+                "defense/acc": acc,
+                "defense/asr": asr,
+                "defense/ard": context.baseline.get("trojan/asr", math.nan) - asr,
+                "defense/cad": context.baseline.get("trojan/acc", math.nan) - acc,
+            })
+        return metrics

@@ -1,0 +1,70 @@
+"""Spectral signatures (Tran et al., NeurIPS 2018): poisoned samples stand out along the top
+singular direction of their class's centred penultimate features."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bdlab.attacks.base import Attack
+from bdlab.datasets.base import DatasetSplits
+from bdlab.defenses.data_filtering import DataFilteringDefense
+from bdlab.errors import check_range
+
+
+def spectral_scores(features: Tensor) -> Tensor:
+    """Tran et al. Alg. 1 outlier scores of one class: ``tau_i = ((R_i - mean) . v)^2`` with ``v`` the
+    top right singular vector of the centred feature matrix."""
+    centred = features.double() - features.double().mean(0, keepdim=True)
+    if len(centred) < 2:
+        return torch.zeros(len(centred), dtype=torch.float64)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    return (centred @ vh[0]) ** 2
+
+
+class SpectralSignature(DataFilteringDefense):
+    """Spectral signatures (Tran et al., NeurIPS 2018, Algorithm 1; TrojanZoo Table 3 "Ss").
+
+    For every class ``y``: centre the penultimate features of its samples, take the top right
+    singular vector ``v``, score ``tau_i = ((R_i - mean_y) . v)^2`` and remove the
+    ``ceil(1.5 * epsilon * |S_y|)`` highest-scoring samples of the class. Scores are divided by
+    the class's median score so that the global ROC-AUC compares classes on one scale (the
+    removal, a per-class ranking, is unaffected).
+
+    Args:
+        poison_fraction: ``epsilon``, the expected fraction of poisoned samples (Tran et al. assume
+            an upper bound is known); null (default) takes the attack's ``poison_rate``.
+        removal_factor: how many times ``epsilon`` to remove per class (default 1.5, Tran et al.).
+        mode, retrain, fpr, max_inputs, seed: see :class:`~bdlab.defenses.data_filtering.DataFilteringDefense`.
+    """
+
+    name = "spectral_signature"
+
+    def __init__(self, poison_fraction: float | None = None, removal_factor: float = 1.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if poison_fraction is not None:
+            check_range("defense.poison_fraction", poison_fraction, 0.0, 1.0, low_open=True)
+        check_range("defense.removal_factor", removal_factor, 0.0, 100.0, low_open=True)
+        self.poison_fraction, self.removal_factor = poison_fraction, removal_factor
+        self.epsilon = poison_fraction
+
+    def setup(self, data: DatasetSplits, attack: Attack) -> None:
+        super().setup(data, attack)
+        self.epsilon = self.poison_fraction if self.poison_fraction is not None else attack.poison_rate
+
+    def detect(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        if self.epsilon is None:
+            raise RuntimeError("give poison_fraction or call setup(data, attack) first")
+        epsilon = self.epsilon
+        scores = torch.zeros(len(labels), dtype=torch.float64)
+        flags = torch.zeros(len(labels), dtype=torch.bool)
+        for label in labels.unique():
+            index = (labels == label).nonzero().flatten()
+            tau = spectral_scores(features[index])
+            scores[index] = tau / tau.median().clamp_min(1e-12)
+            remove = min(len(index), math.ceil(self.removal_factor * epsilon * len(index)))
+            flags[index[tau.argsort(descending=True)[:remove]]] = True
+        return scores.float(), flags
