@@ -11,6 +11,7 @@ from torch import Tensor
 
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float, to_uint8
 from bdlab.errors import ConfigError, check_range
+from bdlab.transforms import check_shrink, random_flip, random_shrink_pad
 
 STAMP_CHUNK = 4096
 
@@ -36,6 +37,12 @@ class Attack(ABC):
             target class that is poisoned. Default 0.1.
         target_class: the class every poisoned input should be classified as. Default 0.
         seed: fixes the poison indices and any random trigger.
+        enhance: the transformation-based enhancement of the ShrinkPad paper (section 4.2,
+            Eq. 5; Appendix C): every training image of the trojaned model, benign and
+            poisoned alike, goes through a random left-right flip and then a random ShrinkPad
+            whose shrink size is drawn from ``{0, ..., enhance_max_shrink}``. Default False;
+            shown as ``<name>+`` (e.g. ``badnets+``).
+        enhance_max_shrink: the enhancement's maximal shrink size in pixels (default 4, the paper's).
 
     Subclasses build their trigger in :meth:`setup` (which sees the dataset's shape) and
     stamp float batches in ``[0, 1]`` in :meth:`apply`, vectorised, on any device.
@@ -44,17 +51,24 @@ class Attack(ABC):
     name = "attack"
     clean_label = False
 
-    def __init__(self, poison_rate: float = 0.1, target_class: int = 0, seed: int = 0) -> None:
+    def __init__(self, poison_rate: float = 0.1, target_class: int = 0, seed: int = 0, enhance: bool = False,
+                 enhance_max_shrink: int = 4) -> None:
         check_range("attack.poison_rate", poison_rate, 0.0, 1.0, low_open=True)
+        if enhance_max_shrink < 0:
+            raise ConfigError("attack.enhance_max_shrink", f"got {enhance_max_shrink}, must be >= 0")
         self.poison_rate = poison_rate
         self.target_class = target_class
         self.seed = seed
+        self.enhance = bool(enhance)
+        self.enhance_max_shrink = int(enhance_max_shrink)
 
     def setup(self, data: DatasetSplits) -> None:
         """Validate against the dataset and build the trigger; raises ConfigError before any training."""
         if not 0 <= self.target_class < data.num_classes:
             raise ConfigError("attack.target_class", f"got {self.target_class}, must be in [0, {data.num_classes - 1}] "
                               f"for {data.name}")
+        if self.enhance:
+            check_shrink("attack.enhance_max_shrink", self.enhance_max_shrink, data.size)
         self.poison_indices(data.train.labels)  # checks the rate leaves enough candidates
 
     @abstractmethod
@@ -63,19 +77,21 @@ class Attack(ABC):
 
     @property
     def display_name(self) -> str:
-        """The name results and tables show for this attack."""
-        return self.name
+        """The name results and tables show for this attack (``+`` marks the enhancement)."""
+        return f"{self.name}+" if self.enhance else self.name
 
     def train_transform(self, x: Tensor) -> Tensor:
         """A batched transform applied to *every* training image of the trojaned model, after the
-        dataset's augmentation (identity unless the attack changes training)."""
-        return x
+        dataset's augmentation: the enhancement's random flip + random ShrinkPad when ``enhance``
+        is set (the global RNG, seeded by the training recipe, draws it), identity otherwise."""
+        if not self.enhance:
+            return x
+        return random_shrink_pad(random_flip(x), self.enhance_max_shrink)
 
     @property
     def trigger_mask(self) -> Tensor | None:
         """``(H, W)`` bool mask of the pixels the trigger may change, or None for image-wide triggers."""
         return None
-
 
     def poison_indices(self, labels: Tensor) -> Tensor:
         """The fixed, seeded, sorted indices of the training samples to poison."""

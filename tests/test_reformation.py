@@ -1,0 +1,87 @@
+"""Input-reformation defenses and the enhanced (+) attacks: protocol, end to end, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from bdlab.attacks.badnets import BadNets
+from bdlab.compose import compose_config
+from bdlab.errors import ConfigError
+from bdlab.pipeline import execute, prepare
+from bdlab.run import run_names
+from tests.conftest import TINY_RUN, make_splits
+from tests.test_run import bdlab_run
+
+DEFENSES = ["flip", "shrinkpad", "gaussian_noise", "color_jitter", "randomized_smoothing", "down_upsample"]
+KEYS = {"defense/acc", "defense/ccc", "defense/asr", "defense/tmc", "defense/acc_before", "defense/ccc_before",
+        "defense/asr_before", "defense/ard", "defense/cad", "defense/time_per_input_ms"}
+
+
+def test_every_reformation_defense_end_to_end_in_process(tmp_path: Path) -> None:
+    """One trained pair of models (cached), every defense on it: keys, protocol arithmetic, effect."""
+    results = {}
+    for name in DEFENSES:
+        cfg = compose_config([*TINY_RUN, "attack.patch_size=4", "attack.poison_rate=0.2", f"defense={name}",
+                              f"cache_dir={tmp_path / 'cache'}"])
+        results[name] = execute(prepare(cfg), cfg.cache_dir, tmp_path / name, [])["metrics"]
+    for name, metrics in results.items():
+        assert set(metrics) >= KEYS, name
+        assert metrics["defense/ard"] == pytest.approx(metrics["trojan/asr"] - metrics["defense/asr"])
+        assert metrics["defense/cad"] == pytest.approx(metrics["trojan/acc"] - metrics["defense/acc"])
+        assert metrics["defense/asr_before"] == metrics["trojan/asr"] and metrics["defense/time_per_input_ms"] > 0
+    assert results["flip"]["trojan/asr"] > 80
+    # the bottom-right patch moves to the bottom-left under Flip: the backdoor stops responding
+    assert results["flip"]["defense/ard"] > 50
+
+
+def test_enhanced_attack_is_named_with_a_plus() -> None:
+    cfg = compose_config([*TINY_RUN, "attack.enhance=true", "defense=shrinkpad"])
+    assert run_names(cfg, prepare(cfg))["attack"] == "badnets+"
+
+
+def test_enhancement_transforms_benign_and_poisoned_training_images_alike() -> None:
+    attack = BadNets(enhance=True, enhance_max_shrink=4, patch_size=3)
+    assert attack.display_name == "badnets+" and BadNets().display_name == "badnets"
+    images = torch.full((64, 1, 16, 16), 200, dtype=torch.uint8)
+    labels = torch.arange(64) % 4
+    data = make_splits(images, labels, num_classes=4)
+    attack.setup(data)
+    poisoned = attack.poison_train(data.train)
+    x = poisoned.images.float() / 255
+    torch.manual_seed(0)
+    out = attack.train_transform(x)
+    changed = (out != x).flatten(1).any(1)
+    # most of both groups change (a sample is left alone only when it draws no flip and shrink 0)
+    for group in (poisoned.is_poison, ~poisoned.is_poison):
+        assert changed[group].float().mean() > 0.6
+    assert torch.equal(BadNets().train_transform(x), x)
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["defense=shrinkpad", "defense.size=16"], "defense.size"),
+    (["defense=shrinkpad", "defense.size=-1"], "defense.size"),
+    (["defense=gaussian_noise", "defense.std=-0.1"], "defense.std"),
+    (["defense=randomized_smoothing", "defense.std=-1"], "defense.std"),
+    (["defense=randomized_smoothing", "defense.samples=0"], "defense.samples"),
+    (["defense=color_jitter", "defense.magnitude=1.5"], "defense.magnitude"),
+    (["defense=color_jitter", "defense.kind=hue", "defense.magnitude=0.6"], "defense.magnitude"),
+    (["defense=color_jitter", "defense.kind=blur"], "defense.kind"),
+    (["defense=down_upsample", "defense.ratio=0"], "defense.ratio"),
+    (["defense=down_upsample", "defense.ratio=0.01"], "defense.ratio"),
+    (["attack.enhance=true", "attack.enhance_max_shrink=16"], "attack.enhance_max_shrink"),
+    (["attack.enhance_max_shrink=-2"], "attack.enhance_max_shrink"),
+])
+def test_bad_values_are_refused_before_training(overrides: list[str], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        prepare(compose_config([*TINY_RUN, *overrides]))
+    assert str(info.value).startswith(field)
+
+
+def test_bad_shrink_exits_2_with_one_line(tmp_path: Path) -> None:
+    result = bdlab_run(tmp_path, "defense=shrinkpad", "defense.size=16")
+    assert result.returncode == 2 and "defense.size" in result.stderr
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
+    assert not (tmp_path / "run" / "results.json").exists()
