@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -45,8 +46,17 @@ class ArtifactCache:
 
     def get_or_build(self, kind: str, spec: dict[str, Any],
                      build: Callable[[], dict[str, Tensor]]) -> tuple[dict[str, Tensor], bool]:
-        """Return ``(tensors, reused)``: the cached entry, or ``build()``'s result after storing it."""
+        """Return ``(tensors, reused)``: the cached entry, or ``build()``'s result after storing it.
+
+        In a multi-process (DDP) run only rank 0 locks and stores: the other ranks build alongside
+        it (their ``build()`` joins the same distributed training) and keep nothing, since rank 0
+        holds the lock for the whole build and a rank waiting on it would deadlock the group.
+        """
         entry = self.path(kind, spec)
+        if rank_zero_only.rank != 0:
+            if (entry / TENSORS).is_file():
+                return load_file(str(entry / TENSORS)), True
+            return build(), False
         entry.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(entry) + ".lock"):
             if (entry / TENSORS).is_file():

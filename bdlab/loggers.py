@@ -9,7 +9,7 @@ from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from pytorch_lightning.loggers import Logger
+from pytorch_lightning.loggers import Logger, WandbLogger
 
 
 def wandb_configured() -> bool:
@@ -22,13 +22,42 @@ def wandb_configured() -> bool:
         return False
 
 
-def build_loggers(logger_cfg: DictConfig | None, save_dir: Path) -> list[Logger]:
-    """Instantiate every logger of the group; ``offline: null`` for W&B means "offline unless configured"."""
+def wandb_offline() -> bool:
+    """Offline unless credentials exist; ``WANDB_MODE=offline`` forces it."""
+    return os.environ.get("WANDB_MODE", "") == "offline" or not wandb_configured()
+
+
+def build_loggers(logger_cfg: DictConfig | None, save_dir: Path, group: str | None = None) -> list[Logger]:
+    """Instantiate every logger of the group.
+
+    For W&B, ``offline: null`` means "offline unless configured", and ``group: null`` takes
+    ``group`` (the sweep a run belongs to), so dashboards can group a sweep's runs.
+    """
     loggers: list[Logger] = []
     for name, node in (logger_cfg or {}).items():
         kwargs: dict[str, Any] = OmegaConf.to_container(node, resolve=True)
         kwargs.setdefault("save_dir", str(save_dir))
-        if name == "wandb" and kwargs.get("offline") is None:
-            kwargs["offline"] = os.environ.get("WANDB_MODE", "") == "offline" or not wandb_configured()
+        if name == "wandb":
+            if kwargs.get("offline") is None:
+                kwargs["offline"] = wandb_offline()
+            if kwargs.get("group") is None and group is not None:
+                kwargs["group"] = group
         loggers.append(instantiate(kwargs))
     return loggers
+
+
+def log_images(loggers: list[Logger], images: dict[str, Path]) -> None:
+    """Log image files as media under their keys (W&B only; the CSV logger has no media)."""
+    for logger in loggers:
+        if isinstance(logger, WandbLogger) and images:
+            for key, path in images.items():
+                logger.log_image(key=key, images=[str(path)])
+
+
+def close_loggers(loggers: list[Logger], status: str) -> None:
+    """Finalize every logger and end the W&B run, so the next job of a sweep in the same
+    process starts a run of its own instead of appending to this one."""
+    for logger in loggers:
+        logger.finalize(status)
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish(exit_code=0 if status == "success" else 1)

@@ -1,0 +1,1 @@
+"""Running grids of experiments: sweep validation and summaries, one device per parallel job."""

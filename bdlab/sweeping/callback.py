@@ -1,0 +1,105 @@
+"""The Hydra callback every sweep file registers: refuse a bad grid up front, summarise it at the end.
+
+Before any job starts, each config-group option the grid names must exist and every axis must
+hold at least one value; a problem is one line on stderr and exit 2. After the last job, one
+summary: cells done and failed, models trained and reused, and the report command.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from bdlab.compose import CONFIG_DIR
+from bdlab.results import RESULTS_FILE
+
+
+
+def options(group: str) -> list[str]:
+    """The options of a config group under ``conf/`` (sweep files' own helpers start with ``_``)."""
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def grid_overrides(config: DictConfig) -> list[str]:
+    """The grid as override strings: the sweep file's ``hydra.sweeper.params``, then the command line."""
+    params = OmegaConf.to_container(config.hydra.sweeper.get("params") or {}, resolve=False)
+    return [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
+
+
+def grid_problems(config: DictConfig) -> list[str]:
+    """One line per problem with the grid: unknown options, empty axes, no axis at all."""
+    sweep = config.hydra.runtime.choices.get("sweep")
+    params = config.hydra.sweeper.get("params")
+    problems = []
+    if sweep is not None and not params:
+        problems.append(f"sweep '{sweep}' defines an empty grid: give hydra.sweeper.params at least one axis")
+    try:
+        overrides = OverridesParser.create().parse_overrides(grid_overrides(config))
+    except HydraException as error:
+        return [*problems, f"cannot parse the grid: {str(error).splitlines()[0]}"]
+    for override in overrides:
+        key = override.key_or_group
+        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else \
+            [override.get_value_element_as_str()]
+        if not values:
+            problems.append(f"the grid axis '{key}' has no values")
+        group = key.lstrip("+~")
+        if key.startswith("hydra") or not (CONFIG_DIR / group).is_dir() or override.is_delete():
+            continue
+        known = options(group)
+        for value in values:
+            if value not in known:
+                problems.append(f"unknown {group} option '{value}' (available: {', '.join(known)})")
+    return problems
+
+
+def sweep_summary(sweep_dir: Path) -> str:
+    """Cells by status and models trained vs reused, from the jobs' results.json files."""
+    statuses: dict[str, int] = {}
+    built: dict[str, set[str]] = {}
+    reused: set[str] = set()
+    for path in sorted(sweep_dir.rglob(RESULTS_FILE)):
+        try:
+            results: dict[str, Any] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            statuses["unreadable"] = statuses.get("unreadable", 0) + 1
+            continue
+        statuses[results.get("status", "?")] = statuses.get(results.get("status", "?"), 0) + 1
+        for name, artifact in (results.get("artifacts") or {}).items():
+            if artifact.get("reused"):
+                reused.add(artifact["path"])
+            else:
+                built.setdefault(name.removesuffix("_model"), set()).add(artifact["path"])
+    cells = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items())) or "no results"
+    trained = sum(len(paths) for paths in built.values())
+    kinds = " + ".join(f"{len(paths)} {kind}" for kind, paths in sorted(built.items()))
+    return (f"sweep {sweep_dir}: cells {cells}; trained {trained} models ({kinds or 'none'}), "
+            f"reused {len(reused - set().union(*built.values()))} cached; "
+            f"report: python -m bdlab.report {sweep_dir}")
+
+
+class SweepCallback(Callback):
+    """Registered by ``sweeps/_base.yaml`` under ``hydra.callbacks``."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep = config.hydra.runtime.choices.get("sweep")
+        print(f"bdlab: +sweep={sweep} is a grid: run it with -m (python -m bdlab.run -m +sweep={sweep})",
+              file=sys.stderr)
+        sys.exit(2)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        problems = grid_problems(config)
+        for problem in problems:
+            print(f"bdlab: invalid sweep: {problem}", file=sys.stderr)
+        if problems:
+            sys.exit(2)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        print(sweep_summary(Path(config.hydra.sweep.dir)))
