@@ -147,6 +147,7 @@ def execute(experiment: Experiment, cache_dir: str | Path, output_dir: Path,
         trojan_model = clean_model
     else:
         started = time.perf_counter()
+        attack.use_clean_model(clean_model, cache, spec_hash(clean_spec))
         poisoned_train = attack.poison_train(data.train, experiment.device)
         poisoned_test = attack.poison_test(data.test, experiment.device)
         experiment.timings["poison_s"] = time.perf_counter() - started

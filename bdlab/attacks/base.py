@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -12,6 +12,10 @@ from torch import Tensor
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float, to_uint8
 from bdlab.errors import ConfigError, check_range
 from bdlab.transforms import check_shrink, random_flip, random_shrink_pad
+
+if TYPE_CHECKING:
+    from bdlab.cache import ArtifactCache
+    from bdlab.models.classifier import Classifier
 
 STAMP_CHUNK = 4096
 
@@ -87,6 +91,11 @@ class Attack(ABC):
         if not self.enhance:
             return x
         return random_shrink_pad(random_flip(x), self.enhance_max_shrink)
+
+    def use_clean_model(self, model: Classifier, cache: ArtifactCache, model_key: str) -> None:
+        """Called by the pipeline before poisoning with the clean reference model (same data, recipe
+        and seed), the artifact cache and that model's cache key. Attacks that craft their poisons
+        on a clean surrogate (label-consistent) keep them; the others ignore the call."""
 
     @property
     def trigger_mask(self) -> Tensor | None:
