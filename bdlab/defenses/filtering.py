@@ -57,6 +57,10 @@ def roc_auc(clean_scores: Tensor, poisoned_scores: Tensor) -> float:
     if len(clean_scores) == 0 or len(poisoned_scores) == 0:
         return math.nan
     scores = torch.cat([clean_scores, poisoned_scores]).double()
+    # torchmetrics squashes scores outside [0, 1] with a sigmoid, which saturates into ties for
+    # large scores; dense ranks scaled to [0, 1] keep the order and the ties (AUC is rank-based)
+    unique, ranks = torch.unique(scores, return_inverse=True)
+    scores = ranks.double() / max(len(unique) - 1, 1)
     targets = torch.cat([torch.zeros(len(clean_scores)), torch.ones(len(poisoned_scores))]).long()
     return float(binary_auroc(scores, targets))
 
