@@ -1,0 +1,79 @@
+"""The trigger alone translated, scaled and rotated on clean images ("Why is your Trojan NOT
+responding?", section 4.2 and 5.2, Fig. 3; error rates as in Table 3)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bdlab.analysis.base import Analysis
+from bdlab.analysis.common import (error_rate, evaluation_images, predictions, rate, require_trigger, stamp_layers,
+                                   trigger_centre)
+from bdlab.analysis.transform_study import check_study, run_study
+from bdlab.attacks.base import Attack
+from bdlab.context import RunContext
+from bdlab.datasets.base import DatasetSplits
+from bdlab.errors import ConfigError
+from bdlab.transforms import rotate, scale, translate_fill
+
+
+class TriggerTransform(Analysis):
+    """The trigger layer (mask and pattern) moved to ``points`` positions on circles of each radius,
+    scaled about its centre, and rotated clockwise about its centre, nearest-neighbour, then
+    stamped on clean non-target test images (Fig. 3 of "Why is your Trojan").
+
+    Writes ``trigger_transform/trigger_transform.csv`` (transform, parameter, dy, dx, asr,
+    error_rate) and a three-panel ``.png``; returns the per-parameter mean ASR and error rate as
+    ``analysis/trigger_transform/<transform>_<parameter>/{asr,error_rate}``. The error rate
+    (Table 3) counts predictions that are neither the target nor the true label.
+
+    Args:
+        radii: translation radii in pixels (default 1, 2, 3).
+        points: positions per circle (default 8, at least 8).
+        scales: scale factors (default 0.8, 1.0, 1.2).
+        angles: rotation angles in degrees (default 0 to 90 in 15-degree steps).
+        max_images: clean non-target test images (default 1000, the paper's).
+    """
+
+    name = "trigger_transform"
+
+    def __init__(self, radii: list[int] = (1, 2, 3), points: int = 8, scales: list[float] = (0.8, 1.0, 1.2),
+                 angles: list[float] = (0, 15, 30, 45, 60, 75, 90), max_images: int = 1000) -> None:
+        self.radii, self.points = [int(r) for r in radii], int(points)
+        self.scales, self.angles = [float(s) for s in scales], [float(a) for a in angles]
+        self.max_images = int(max_images)
+        check_study(f"analysis.{self.name}", self.radii, self.points, self.scales, self.angles)
+
+    def setup(self, data: DatasetSplits, attack: Attack) -> None:
+        field = f"analysis.{self.name}"
+        require_trigger(field, attack)
+        mask = attack.mask
+        centre = trigger_centre(mask)
+        for factor in self.scales:
+            if scale(mask[None], factor, centre).sum() == 0:
+                raise ConfigError(f"{field}.scales", f"{factor} shrinks the trigger to nothing; use a larger factor")
+        for radius in self.radii:
+            if radius >= min(data.size):
+                raise ConfigError(f"{field}.radii", f"{radius} moves the trigger off the {data.size} image")
+
+    def run(self, context: RunContext) -> dict[str, Any]:
+        attack = context.attack
+        target = attack.target_class
+        clean, _ = evaluation_images(context, self.max_images)
+        mask, pattern = attack.mask, attack.pattern
+        centre = trigger_centre(mask)
+        clean_pred = predictions(context, clean.images)
+        poisoned_pred = predictions(context, clean.images, stamp_layers(mask, pattern))
+
+        def layers(op):
+            return stamp_layers(op(mask[None])[0], op(pattern[None])[0])
+
+        def measure(kind, parameter, stamp, point) -> list[float]:
+            predicted = predictions(context, clean.images, stamp)
+            return [rate(predicted == target), error_rate(predicted, clean_pred, poisoned_pred, clean.labels, target)]
+
+        return run_study(context, self.name, self.radii, self.points, self.scales, self.angles,
+                         ["asr", "error_rate"], measure,
+                         translate=lambda dy, dx: layers(lambda t: translate_fill(t, dy, dx)),
+                         scale=lambda f: layers(lambda t: scale(t, f, centre)),
+                         rotate=lambda a: layers(lambda t: rotate(t, a, centre)))
+

@@ -1,0 +1,63 @@
+"""Trigger-robustness analyses: files on synthetic data, W&B logging, bad input."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from pytorch_lightning.loggers import WandbLogger
+
+from bdlab.compose import compose_config
+from bdlab.errors import ConfigError
+from bdlab.pipeline import execute, prepare
+from tests.conftest import TINY_RUN
+
+ALL = ["trigger_location", "trigger_appearance", "trigger_transform", "image_transform", "shrink_ablation"]
+
+
+def test_every_analysis_writes_its_files_and_logs_to_wandb(tmp_path: Path) -> None:
+    cfg = compose_config([*TINY_RUN, "attack.patch_size=4", "attack.poison_rate=0.2", f"analysis=[{','.join(ALL)}]",
+                          "analysis.trigger_location.stride=2", "analysis.trigger_location.max_images=50",
+                          "analysis.trigger_transform.max_images=100", "analysis.image_transform.max_images=100",
+                          "analysis.trigger_appearance.step=51", "trainer.max_epochs=3", f"cache_dir={tmp_path / 'cache'}"])
+    experiment = prepare(cfg)
+    wandb = WandbLogger(project="bdlab", offline=True, save_dir=str(tmp_path))
+    metrics = execute(experiment, cfg.cache_dir, tmp_path / "run", [wandb])["metrics"]
+    wandb.finalize("success")
+    for name in ALL:
+        folder = tmp_path / "run" / name
+        assert (folder / f"{name}.csv").stat().st_size > 0 and (folder / f"{name}.png").stat().st_size > 0, name
+        assert any(key.startswith(f"analysis/{name}/") for key in metrics), name
+    assert metrics["analysis/trigger_location/asr_original"] > 80
+    assert metrics["analysis/trigger_location/asr_min"] < 50  # far from its place the patch does nothing
+    assert metrics["analysis/shrink_ablation/asr_s0"] == pytest.approx(metrics["trojan/asr"])
+    assert metrics["analysis/trigger_appearance/asr_v0"] < metrics["analysis/trigger_appearance/asr_v255"]
+    assert metrics["analysis/trigger_transform/rotate_0/asr"] == pytest.approx(metrics["trojan/asr"], abs=5)
+    rows = list(csv.DictReader((tmp_path / "run" / "image_transform" / "image_transform.csv").open()))
+    assert {r["transform"] for r in rows} == {"translate", "scale", "rotate"}
+    assert len([r for r in rows if r["transform"] == "translate" and float(r["parameter"]) == 1]) == 8
+    assert set(rows[0]) >= {"asr", "acc", "asr_drop", "error_rate"}
+    assert list((tmp_path / "wandb").rglob("*.png")) or list((tmp_path / "wandb").rglob("*.wandb"))
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["attack=none", "analysis=trigger_location"], "analysis.trigger_location"),
+    (["attack=none", "analysis=trigger_appearance"], "analysis.trigger_appearance"),
+    (["attack=none", "analysis=trigger_transform"], "analysis.trigger_transform"),
+    (["attack=none", "analysis=image_transform"], "analysis.image_transform"),
+    (["attack=none", "analysis=shrink_ablation"], "analysis.shrink_ablation"),
+    (["attack=blended", "analysis=trigger_location"], "analysis.trigger_location"),
+    (["analysis=shrink_ablation", "analysis.shrink_ablation.sizes=[0,16]"], "analysis.shrink_ablation.sizes"),
+    (["analysis=trigger_transform", "analysis.trigger_transform.scales=[0]"], "analysis.trigger_transform.scales"),
+    (["analysis=trigger_transform", "analysis.trigger_transform.points=4"], "analysis.trigger_transform.points"),
+    (["analysis=trigger_transform", "analysis.trigger_transform.radii=[-1]"], "analysis.trigger_transform.radii"),
+    (["analysis=image_transform", "analysis.image_transform.scales=[-0.5]"], "analysis.image_transform.scales"),
+    (["analysis=image_transform", "analysis.image_transform.angles=[400]"], "analysis.image_transform.angles"),
+    (["analysis=trigger_location", "analysis.trigger_location.stride=0"], "analysis.trigger_location.stride"),
+    (["analysis=trigger_appearance", "analysis.trigger_appearance.step=0"], "analysis.trigger_appearance.step"),
+])
+def test_bad_values_are_refused_before_training(overrides: list[str], field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        prepare(compose_config([*TINY_RUN, *overrides]))
+    assert str(info.value).startswith(field)
