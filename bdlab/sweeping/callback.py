@@ -29,7 +29,8 @@ def options(group: str) -> list[str]:
 
 def grid_overrides(config: DictConfig) -> list[str]:
     """The grid as override strings: the sweep file's ``hydra.sweeper.params``, then the command line."""
-    params = OmegaConf.to_container(config.hydra.sweeper.get("params") or {}, resolve=False)
+    params = config.hydra.sweeper.get("params")
+    params = OmegaConf.to_container(params, resolve=False) if params else {}
     return [f"{key}={value}" for key, value in params.items()] + list(config.hydra.overrides.task)
 
 
