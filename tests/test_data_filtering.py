@@ -1,0 +1,104 @@
+"""Spectral signatures and activation clustering: planted outliers, the protocol, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from bdlab.attacks.base import NoAttack, PoisonedSet
+from bdlab.attacks.badnets import BadNets
+from bdlab.context import RunContext
+from bdlab.defenses.activation_clustering import ActivationClustering, kmeans2, silhouette
+from bdlab.defenses.filtering import roc_auc
+from bdlab.defenses.spectral_signature import SpectralSignature
+from bdlab.errors import ConfigError
+from bdlab.models.classifier import Classifier
+from tests.conftest import make_splits
+
+
+def planted_features(per_class: int = 200, planted: int = 20, dims: int = 32) -> tuple:
+    """Gaussian features for 5 classes; ``planted`` samples of class 0 are shifted far along one direction."""
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(5 * per_class, dims, generator=generator)
+    labels = torch.arange(5).repeat_interleave(per_class)
+    direction = torch.randn(dims, generator=generator)
+    features[:planted] += 6 * direction / direction.norm()
+    is_poison = torch.zeros(len(labels), dtype=torch.bool)
+    is_poison[:planted] = True
+    return features, labels, is_poison
+
+
+def test_spectral_signature_recovers_planted_outliers() -> None:
+    features, labels, is_poison = planted_features()
+    scores, flags = SpectralSignature(poison_fraction=0.1).detect(features, labels)
+    assert flags[is_poison].all()  # 1.5 * 0.1 * 200 = 30 removed per class, the 20 planted among them
+    assert flags.sum() == 5 * 30
+    assert roc_auc(scores[~is_poison], scores[is_poison]) > 0.99
+
+
+def test_activation_clustering_flags_only_the_planted_cluster() -> None:
+    features, labels, is_poison = planted_features()
+    defense = ActivationClustering()
+    scores, flags = defense.detect(features, labels)
+    assert flags[is_poison].all() and flags[~is_poison].sum() <= 2  # only class 0 is judged poisoned
+    assert roc_auc(scores[~is_poison], scores[is_poison]) > 0.99
+    assert defense.class_report[0][1] == pytest.approx(0.1, abs=0.01)  # the smaller cluster: the planted 10%
+    assert all(report[0] < defense.silhouette_threshold for label, report in defense.class_report.items() if label)
+
+
+def test_kmeans_and_silhouette_on_two_blobs() -> None:
+    generator = torch.Generator().manual_seed(1)
+    points = torch.cat([torch.randn(50, 2, generator=generator), torch.randn(30, 2, generator=generator) + 20])
+    assign = kmeans2(points.double(), generator)
+    assert assign[:50].unique().numel() == 1 and assign[50:].unique().numel() == 1 and assign[0] != assign[-1]
+    assert silhouette(points.double(), assign, generator) > 0.9
+
+
+def test_train_data_protocol_reports_against_the_true_flags_and_retrains(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 60, (300, 1, 4, 4), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(300) % 3
+    data = make_splits(images, labels, num_classes=3)
+    attack = BadNets(patch_size=1, poison_rate=0.1)
+    attack.setup(data)
+    poisoned = attack.poison_train(data.train)
+    model = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), (0.0,), (1.0,))  # features = pixels
+    retrained: list[int] = []
+
+    def retrain(train_set, tag: str) -> Classifier:
+        retrained.append(len(train_set))
+        return model
+
+    context = RunContext(None, data, attack, model, model, poisoned, attack.poison_test(data.test), tmp_path,
+                         torch.device("cpu"), retrain, baseline={"trojan/asr": 90.0, "trojan/acc": 80.0})
+    # 30 poisoned of 130 class-0 samples: epsilon 0.25 of the class, so 49 are removed there
+    metrics = SpectralSignature(poison_fraction=0.25).run(context)
+    assert metrics["defense/poison_tpr"] == 100.0 and metrics["defense/poison_roc_auc"] > 0.9
+    assert metrics["defense/removed"] == retrained[0] and 0 < metrics["defense/poison_fpr"] < 10
+    assert retrained == [300 - metrics["defense/removed"]]
+    assert metrics["defense/ard"] == pytest.approx(90.0 - metrics["defense/asr"])
+    assert metrics["defense/cad"] == pytest.approx(80.0 - metrics["defense/acc"])
+
+
+def test_retraining_without_a_poisoned_training_set_is_refused() -> None:
+    data = make_splits(torch.zeros(20, 1, 4, 4, dtype=torch.uint8), torch.arange(20) % 2, num_classes=2)
+    with pytest.raises(ConfigError) as error:
+        ActivationClustering(retrain=True).setup(data, NoAttack())
+    assert error.value.field == "defense.retrain"
+    SpectralSignature(retrain=False).setup(data, NoAttack())  # scoring alone is fine
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: SpectralSignature(mode="online"), "defense.mode"),
+    (lambda: SpectralSignature(fpr=0.0), "defense.fpr"),
+    (lambda: SpectralSignature(poison_fraction=0.0), "defense.poison_fraction"),
+    (lambda: ActivationClustering(criterion="gap"), "defense.criterion"),
+    (lambda: ActivationClustering(dims=0), "defense.dims"),
+])
+def test_bad_parameters_are_config_errors(make, field: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        make()
+    assert error.value.field == field
