@@ -57,6 +57,8 @@ def build_report(found: Collection, out_dir: Path) -> Report:
              f"from {len({r.path.parent for r in found.records})} directories. Cells: mean ± std over seeds.", ""]
     for grid in all_grids:
         parts += [f"## {grid.setting}", ""]
+        if not metrics_of(grid):  # no run of this setting succeeded: show where they failed
+            parts += ["### Runs", "", markdown_table(grid, ""), ""]
         for metric, title in metrics_of(grid):
             parts += [f"### {title} — `{metric}`", "", markdown_table(grid, metric), ""]
             name = f"{slug(grid.setting)}__{slug(metric)}"

@@ -23,8 +23,7 @@ def heatmap(grid: Grid, metric: str, title: str, path: Path) -> Path:
                 values[i, j] = cell.mean
     width = 1.6 + 1.3 * len(grid.columns) + 0.08 * max(len(r) for r in grid.rows)
     figure, axes = plt.subplots(figsize=(width, 1.2 + 0.55 * len(grid.rows)))
-    cmap = plt.get_cmap("viridis").copy()
-    cmap.set_bad("#dddddd")
+    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
     image = axes.imshow(np.ma.masked_invalid(values), cmap=cmap, aspect="auto")
     figure.colorbar(image, ax=axes)
     axes.set_xticks(range(len(grid.columns)), grid.columns, rotation=30, ha="right")
