@@ -77,7 +77,7 @@ def test_train_data_protocol_reports_against_the_true_flags_and_retrains(tmp_pat
     # 30 poisoned of 130 class-0 samples: epsilon 0.25 of the class, so 49 are removed there
     metrics = SpectralSignature(poison_fraction=0.25).run(context)
     assert metrics["defense/poison_tpr"] == 100.0 and metrics["defense/poison_roc_auc"] > 0.9
-    assert metrics["defense/removed"] == retrained[0] and 0 < metrics["defense/poison_fpr"] < 10
+    assert 0 < metrics["defense/poison_fpr"] < 40  # 1.5 epsilon of every class goes, poisoned or not
     assert retrained == [300 - metrics["defense/removed"]]
     assert metrics["defense/ard"] == pytest.approx(90.0 - metrics["defense/asr"])
     assert metrics["defense/cad"] == pytest.approx(80.0 - metrics["defense/acc"])
