@@ -12,15 +12,16 @@ from bdlab.compose import compose_config
 from bdlab.errors import ConfigError
 from bdlab.pipeline import execute, prepare
 from tests.conftest import TINY_RUN
+from tests.test_transforms import shared_cache
 
 ALL = ["trigger_location", "trigger_appearance", "trigger_transform", "image_transform", "shrink_ablation"]
 
 
-def test_every_analysis_writes_its_files_and_logs_to_wandb(tmp_path: Path) -> None:
+def test_every_analysis_writes_its_files_and_logs_to_wandb(tmp_path: Path, tmp_path_factory) -> None:
     cfg = compose_config([*TINY_RUN, "attack.patch_size=4", "attack.poison_rate=0.2", f"analysis=[{','.join(ALL)}]",
                           "analysis.trigger_location.stride=2", "analysis.trigger_location.max_images=50",
                           "analysis.trigger_transform.max_images=100", "analysis.image_transform.max_images=100",
-                          "analysis.trigger_appearance.step=51", "trainer.max_epochs=3", f"cache_dir={tmp_path / 'cache'}"])
+                          "analysis.trigger_appearance.step=51", f"cache_dir={shared_cache(tmp_path_factory)}"])
     experiment = prepare(cfg)
     wandb = WandbLogger(project="bdlab", offline=True, save_dir=str(tmp_path))
     metrics = execute(experiment, cfg.cache_dir, tmp_path / "run", [wandb])["metrics"]
@@ -61,3 +62,23 @@ def test_bad_values_are_refused_before_training(overrides: list[str], field: str
     with pytest.raises(ConfigError) as info:
         prepare(compose_config([*TINY_RUN, *overrides]))
     assert str(info.value).startswith(field)
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (Path(__file__).resolve().parent.parent / "conf"
+                                                                   / "experiment").glob("*.yaml")))
+def test_experiments_compose(experiment: str) -> None:
+    cfg = compose_config([f"+experiment={experiment}"])
+    assert cfg.model.name == "lenet"
+
+
+@pytest.mark.slow
+def test_why_is_your_trojan_badnets_curves_on_mnist(tmp_path: Path) -> None:
+    """"Why is your Trojan" Fig. 3 for BadNets (5x5 white square, margin 3) on MNIST / LeNet."""
+    cfg = compose_config(["+experiment=trojan_transforms_badnets", "logger=none", f"cache_dir={tmp_path}"])
+    metrics = execute(prepare(cfg), cfg.cache_dir, tmp_path / "run", [])["metrics"]
+    translate = [metrics[f"analysis/trigger_transform/translate_{r}/asr"] for r in (1, 2, 3)]
+    assert translate[0] >= translate[1] >= translate[2]
+    rotate = {a: metrics[f"analysis/trigger_transform/rotate_{a}/asr"] for a in (0, 15, 30, 45, 60, 75, 90)}
+    assert min(rotate, key=rotate.get) == 45
+    for low, high in ((0, 90), (15, 75), (30, 60)):
+        assert abs(rotate[low] - rotate[high]) < 5

@@ -15,6 +15,7 @@ from bdlab.models import LeNet
 from bdlab.models.classifier import build_classifier
 from bdlab.pipeline import execute, prepare
 from tests.conftest import TINY_RUN, make_splits
+from tests.test_transforms import shared_cache
 
 
 def handmade(n: int = 80) -> tuple:
@@ -75,11 +76,12 @@ def test_zero_iterations_is_the_trigger_alone(tmp_path: Path) -> None:
     assert (poisoned.images[index].float() - expected).abs().max() <= 0.5001
 
 
-def test_end_to_end_on_the_tiny_run(tmp_path: Path) -> None:
-    cfg = compose_config([*TINY_RUN, "attack=label_consistent", "attack.poison_rate=0.5", f"cache_dir={tmp_path}"])
+def test_end_to_end_on_the_tiny_run(tmp_path: Path, tmp_path_factory) -> None:
+    cache = shared_cache(tmp_path_factory)  # the clean model is the one the other tiny runs train
+    cfg = compose_config([*TINY_RUN, "attack=label_consistent", "attack.poison_rate=0.5", f"cache_dir={cache}"])
     metrics = execute(prepare(cfg), cfg.cache_dir, tmp_path / "run", [])["metrics"]
     assert metrics["trojan/acc"] > 80 and metrics["trojan/asr"] >= 0
-    assert list((tmp_path / "poisoned" / "label_consistent").glob("*/tensors.safetensors"))
+    assert list((cache / "poisoned" / "label_consistent").glob("*/tensors.safetensors"))
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -13,6 +13,7 @@ from bdlab.errors import ConfigError
 from bdlab.pipeline import execute, prepare
 from bdlab.run import run_names
 from tests.conftest import TINY_RUN, make_splits
+from tests.test_transforms import shared_cache
 from tests.test_run import bdlab_run
 
 DEFENSES = ["flip", "shrinkpad", "gaussian_noise", "color_jitter", "randomized_smoothing", "down_upsample"]
@@ -20,12 +21,12 @@ KEYS = {"defense/acc", "defense/ccc", "defense/asr", "defense/tmc", "defense/acc
         "defense/asr_before", "defense/ard", "defense/cad", "defense/time_per_input_ms"}
 
 
-def test_every_reformation_defense_end_to_end_in_process(tmp_path: Path) -> None:
+def test_every_reformation_defense_end_to_end_in_process(tmp_path: Path, tmp_path_factory) -> None:
     """One trained pair of models (cached), every defense on it: keys, protocol arithmetic, effect."""
     results = {}
     for name in DEFENSES:
         cfg = compose_config([*TINY_RUN, "attack.patch_size=4", "attack.poison_rate=0.2", f"defense={name}",
-                              f"cache_dir={tmp_path / 'cache'}"])
+                              f"cache_dir={shared_cache(tmp_path_factory)}"])
         results[name] = execute(prepare(cfg), cfg.cache_dir, tmp_path / name, [])["metrics"]
     for name, metrics in results.items():
         assert set(metrics) >= KEYS, name

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -10,6 +12,12 @@ from bdlab.errors import ConfigError
 from bdlab.transforms import (check_jitter, check_scale, check_shrink, check_std, circle_offsets, color_jitter,
                               down_upsample, gaussian_noise, make_generator, random_flip, random_shrink_pad, rotate,
                               scale, shrink_pad, translate_fill, translate_wrap)
+
+
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One artifact cache for the session's tiny runs, so the defense, analysis and label-consistent
+    tests train their identical clean (and trojaned) models once."""
+    return tmp_path_factory.getbasetemp() / "issue3-shared-cache"
 
 
 def ramp(n: int = 1, c: int = 1, h: int = 6, w: int = 6) -> torch.Tensor:

@@ -64,7 +64,8 @@ class ImageTransform(Analysis):
             predicted = predictions(context, poisoned.images, transform)
             asr = rate(predicted == target)
             acc = rate(predictions(context, clean.images, transform) == clean.labels)
-            return [asr, acc, asr_before - asr, error_rate(predicted, clean_pred, poisoned_pred, poisoned.labels, target)]
+            errors = error_rate(predicted, clean_pred, poisoned_pred, poisoned.labels, target)
+            return [asr, acc, asr_before - asr, errors]
 
         return run_study(context, self.name, self.radii, self.points, self.scales, self.angles,
                          ["asr", "acc", "asr_drop", "error_rate"], measure,

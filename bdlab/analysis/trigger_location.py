@@ -47,9 +47,9 @@ class TriggerLocation(Analysis):
         clean, _ = evaluation_images(context, self.max_images)
         mask, pattern = attack.mask, attack.pattern
         rows_in, cols_in = (mask[0] > 0).nonzero().unbind(1)
-        top, left, bottom, right = rows_in.min().item(), cols_in.min().item(), rows_in.max().item(), cols_in.max().item()
+        bottom, right = rows_in.max().item(), cols_in.max().item()
         height, width = mask.shape[1:]
-        box_h, box_w = bottom - top + 1, right - left + 1
+        box_h, box_w = bottom - rows_in.min().item() + 1, right - cols_in.min().item() + 1
         heat = torch.full((height, width), float("nan"))
         table = []
         for row in range(box_h - 1, height, self.stride):
