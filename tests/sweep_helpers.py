@@ -17,9 +17,14 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def isolated_env(tmp: Path, cache: Path) -> dict[str, str]:
-    """An environment like conftest's isolated one, for subprocesses started outside a test function."""
+    """An environment like conftest's isolated one, for subprocesses started outside a test function.
+
+    One thread per process: joblib's workers get one each (cores / workers), and float sums in
+    another thread count would round differently, so sequential and parallel grids could only be
+    compared approximately.
+    """
     return {**os.environ, "PYTHONPATH": str(REPO), "BDLAB_CACHE": str(cache), "BDLAB_DATA": str(tmp / "data"),
-            "WANDB_MODE": "offline", "WANDB_DIR": str(tmp / "wandb"), "WANDB_SILENT": "true"}
+            "WANDB_MODE": "offline", "WANDB_DIR": str(tmp / "wandb"), "WANDB_SILENT": "true", "OMP_NUM_THREADS": "1"}
 
 
 def multirun(tmp: Path, sweep_dir: Path, *overrides: str, cache: Path | None = None,
