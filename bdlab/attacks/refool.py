@@ -248,17 +248,17 @@ class Refool(Attack):
         The generator is seeded by ``seed`` and the images' content, so the training and
         test sets draw different, reproducible reflections.
         """
-        digest = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+        digest = hashlib.sha256(images.cpu().contiguous().numpy().tobytes()).hexdigest()
 
         def build() -> dict[str, Tensor]:
             generator = torch.Generator().manual_seed(self.seed ^ int(digest[:12], 16))
-            out = torch.empty_like(images)
+            out = torch.empty_like(images, device="cpu")
             for start in range(0, len(images), STAMP_CHUNK):
                 chunk = to_float(images[start:start + STAMP_CHUNK].to(device))
                 out[start:start + STAMP_CHUNK] = to_uint8(self._reflect(chunk, generator)).cpu()
             return {"images": out}
 
         if self.cache_dir is None:
-            return build()["images"]
+            return build()["images"].to(images.device)
         tensors, _ = ArtifactCache(self.cache_dir).get_or_build("poisoned/refool", self._spec(digest), build)
-        return tensors["images"]
+        return tensors["images"].to(images.device)
