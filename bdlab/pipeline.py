@@ -81,17 +81,30 @@ def prepare(cfg: DictConfig) -> Experiment:
     return experiment
 
 
+def training_processes(trainer: dict[str, Any]) -> int:
+    """How many processes train one model: ``devices`` (a count or a list) x ``num_nodes`` under DDP, else 1."""
+    if "ddp" not in str(trainer.get("strategy", "auto")):
+        return 1
+    devices = trainer.get("devices", 1)
+    count = len(devices) if isinstance(devices, (list, tuple)) else int(devices) if str(devices).isdigit() else 1
+    return count * int(trainer.get("num_nodes", 1))
+
+
 def model_spec(cfg: DictConfig, with_attack: bool) -> dict[str, Any]:
     """Exactly the config that determines a trained model (never the defense, logger or paths)."""
     dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
                if k not in _DATASET_LOCATION_KEYS}
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    recipe = {"max_epochs": trainer.get("max_epochs"), "precision": trainer.get("precision")}
+    processes = training_processes(trainer)
+    if processes > 1:  # DDP: each step sees processes x batch_size images, so the model differs
+        recipe["processes"] = processes
     return {
         "dataset": dataset,
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
         "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
-        "recipe": {"max_epochs": trainer.get("max_epochs"), "precision": trainer.get("precision")},
+        "recipe": recipe,
         "attack": OmegaConf.to_container(cfg.attack, resolve=True) if with_attack else None,
         "seed": int(cfg.seed),
     }

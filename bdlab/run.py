@@ -9,6 +9,7 @@ marks this one as failed.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import traceback
@@ -25,7 +26,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from bdlab.errors import ConfigError, build
 from bdlab.loggers import build_loggers, close_loggers, log_images
 from bdlab.media import save_trigger_examples
-from bdlab.pipeline import execute, prepare
+from bdlab.pipeline import execute, prepare, training_processes
 from bdlab.results import RESULTS_FILE, RESULTS_FORMAT, format_table, git_revision, package_versions, write_json_atomic
 from bdlab.sweeping.devices import gpu_slot
 
@@ -144,6 +145,15 @@ def sweep_group(hydra_cfg: DictConfig) -> str:
     return "/".join(parts[1:] if len(parts) > 1 and parts[0] == "multirun" else parts)
 
 
+def check_ddp_in_sweep(cfg: DictConfig) -> None:
+    """Lightning starts a DDP run's extra processes by re-running the command line, which under
+    ``-m`` would start the whole sweep again; SLURM (submitit) starts them itself instead."""
+    if training_processes(OmegaConf.to_container(cfg.trainer, resolve=True)) > 1 and "SLURM_NTASKS" not in os.environ:
+        raise ConfigError("trainer.devices", "multi-process (DDP) training inside a -m sweep needs "
+                          "hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node=<devices>; "
+                          "locally, run it without -m")
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
@@ -151,6 +161,8 @@ def main(cfg: DictConfig) -> None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
         # parallel jobs of a sweep each take a GPU of their own when the machine has several
+        if multirun:
+            check_ddp_in_sweep(cfg)
         with gpu_slot(cfg, Path(cfg.cache_dir)) if multirun else nullcontext():
             run_experiment(cfg, output_dir, sweep_group(hydra_cfg) if multirun else None)
     except ConfigError as error:
