@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bdlab.attacks.base import NoAttack, PoisonedSet
+from bdlab.attacks.base import NoAttack
 from bdlab.attacks.badnets import BadNets
 from bdlab.context import RunContext
 from bdlab.defenses.activation_clustering import ActivationClustering, kmeans2, silhouette
@@ -57,23 +57,28 @@ def test_kmeans_and_silhouette_on_two_blobs() -> None:
     assert silhouette(points.double(), assign, generator) > 0.9
 
 
-def test_train_data_protocol_reports_against_the_true_flags_and_retrains(tmp_path: Path) -> None:
+def pixel_feature_context(tmp_path: Path, retrain) -> RunContext:
+    """3 classes of dark 4x4 images, BadNets-poisoned at 10%, and a model whose features are the pixels."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 60, (300, 1, 4, 4), dtype=torch.uint8, generator=generator)
     labels = torch.arange(300) % 3
     data = make_splits(images, labels, num_classes=3)
     attack = BadNets(patch_size=1, poison_rate=0.1)
     attack.setup(data)
-    poisoned = attack.poison_train(data.train)
-    model = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), (0.0,), (1.0,))  # features = pixels
+    model = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), (0.0,), (1.0,))
+    return RunContext(None, data, attack, model, model, attack.poison_train(data.train),
+                      attack.poison_test(data.test), tmp_path, torch.device("cpu"), retrain,
+                      baseline={"trojan/asr": 90.0, "trojan/acc": 80.0})
+
+
+def test_train_data_protocol_reports_against_the_true_flags_and_retrains(tmp_path: Path) -> None:
     retrained: list[int] = []
 
     def retrain(train_set, tag: str) -> Classifier:
         retrained.append(len(train_set))
-        return model
+        return context.trojan_model
 
-    context = RunContext(None, data, attack, model, model, poisoned, attack.poison_test(data.test), tmp_path,
-                         torch.device("cpu"), retrain, baseline={"trojan/asr": 90.0, "trojan/acc": 80.0})
+    context = pixel_feature_context(tmp_path, retrain)
     # 30 poisoned of 130 class-0 samples: epsilon 0.25 of the class, so 49 are removed there
     metrics = SpectralSignature(poison_fraction=0.25).run(context)
     assert metrics["defense/poison_tpr"] == 100.0 and metrics["defense/poison_roc_auc"] > 0.9
@@ -81,6 +86,13 @@ def test_train_data_protocol_reports_against_the_true_flags_and_retrains(tmp_pat
     assert retrained == [300 - metrics["defense/removed"]]
     assert metrics["defense/ard"] == pytest.approx(90.0 - metrics["defense/asr"])
     assert metrics["defense/cad"] == pytest.approx(80.0 - metrics["defense/acc"])
+
+
+def test_inference_mode_uses_the_input_filtering_protocol(tmp_path: Path) -> None:
+    context = pixel_feature_context(tmp_path, retrain=None)
+    metrics = SpectralSignature(mode="inference", poison_fraction=0.25).run(context)
+    assert {"defense/tpr", "defense/fpr", "defense/roc_auc", "defense/threshold"} <= set(metrics)
+    assert "defense/poison_tpr" not in metrics
 
 
 def test_retraining_without_a_poisoned_training_set_is_refused() -> None:
