@@ -4,17 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only: no display on servers and CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from bdlab.reporting.grid import Grid  # noqa: E402
+from bdlab.reporting.grid import Grid
 
 
-def heatmap(grid: Grid, metric: str, title: str, path: Path) -> Path:
-    """Draw one metric of one grid; cells without a value are grey and say why."""
+def heatmap_figure(grid: Grid, metric: str, title: str) -> Figure:
+    """One metric of one grid; cells without a value are grey and say why.
+
+    A bare ``Figure`` (no pyplot): no GUI backend on servers, and notebooks display it inline.
+    """
     values = np.full((len(grid.rows), len(grid.columns)), np.nan)
     for i, row in enumerate(grid.rows):
         for j, column in enumerate(grid.columns):
@@ -22,8 +23,9 @@ def heatmap(grid: Grid, metric: str, title: str, path: Path) -> Path:
             if cell.values:
                 values[i, j] = cell.mean
     width = 1.6 + 1.3 * len(grid.columns) + 0.08 * max(len(r) for r in grid.rows)
-    figure, axes = plt.subplots(figsize=(width, 1.2 + 0.55 * len(grid.rows)))
-    cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
+    figure = Figure(figsize=(width, 1.2 + 0.55 * len(grid.rows)))
+    axes = figure.subplots()
+    cmap = colormaps["viridis"].with_extremes(bad="#dddddd")
     image = axes.imshow(np.ma.masked_invalid(values), cmap=cmap, aspect="auto")
     figure.colorbar(image, ax=axes)
     axes.set_xticks(range(len(grid.columns)), grid.columns, rotation=30, ha="right")
@@ -42,7 +44,11 @@ def heatmap(grid: Grid, metric: str, title: str, path: Path) -> Path:
                 text, color = ("failed" if runs and not any(r.ok for r in runs) else "–" if runs else "missing"), "black"
             axes.text(j, i, text, ha="center", va="center", color=color, fontsize=8)
     figure.tight_layout()
+    return figure
+
+
+def heatmap(grid: Grid, metric: str, title: str, path: Path) -> Path:
+    """Save :func:`heatmap_figure` as a PNG."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    heatmap_figure(grid, metric, title).savefig(path, dpi=120)
     return path

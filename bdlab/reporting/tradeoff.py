@@ -17,13 +17,10 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from bdlab.reporting.grid import Labelled  # noqa: E402
-from bdlab.reporting.tables import slug  # noqa: E402
+from bdlab.reporting.grid import Labelled
+from bdlab.reporting.tables import slug
 
 CAD_BOUND = 3.0
 
@@ -102,7 +99,8 @@ def write_curves(found: list[Curve], out_dir: Path) -> list[Path]:
         drawn = [c for c in found if c.setting == setting and c.auc is not None]
         if not drawn:
             continue
-        figure, axes = plt.subplots(figsize=(5, 4))
+        figure = Figure(figsize=(5, 4))
+        axes = figure.subplots()
         for curve in drawn:
             axes.plot(curve.cad_norm, curve.asr_norm, marker="o", label=f"{curve.attack} (AUC {curve.auc:.3f})")
         axes.set_xlabel("CAD (normalised)")
@@ -112,6 +110,5 @@ def write_curves(found: list[Curve], out_dir: Path) -> list[Path]:
         figure.tight_layout()
         path = out_dir / f"tradeoff_{slug(setting)}.png"
         figure.savefig(path, dpi=120)
-        plt.close(figure)
         pictures.append(path)
     return pictures
