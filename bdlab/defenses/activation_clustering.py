@@ -96,6 +96,8 @@ class ActivationClustering(DataFilteringDefense):
         check_range("defense.size_threshold", size_threshold, 0.0, 0.5)
         self.dims, self.criterion = dims, criterion
         self.silhouette_threshold, self.size_threshold = silhouette_threshold, size_threshold
+        # per class of the last detect(): (silhouette of the 2-means split, share of the smaller cluster)
+        self.class_report: dict[int, tuple[float, float]] = {}
 
     def poisoned(self, silhouette_score: float, small_share: float) -> bool:
         by_silhouette = silhouette_score > self.silhouette_threshold
@@ -106,7 +108,7 @@ class ActivationClustering(DataFilteringDefense):
         generator = torch.Generator().manual_seed(self.seed)
         scores = torch.zeros(len(labels), dtype=torch.float64)
         flags = torch.zeros(len(labels), dtype=torch.bool)
-        self.class_report: dict[int, tuple[float, float]] = {}
+        self.class_report = {}
         for label in labels.unique():
             index = (labels == label).nonzero().flatten()
             if len(index) < 4:
