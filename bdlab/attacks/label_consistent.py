@@ -49,6 +49,12 @@ class LabelConsistent(MaskPatternAttack):
     by the pipeline through :meth:`use_clean_model`; the perturbed images are computed once and
     kept as uint8 in the artifact cache under ``poisoned/label_consistent``.
 
+    Known limitation: Turner et al. perturb with an adversarially *trained* surrogate (or GAN
+    interpolation), whose perturbations change robust features. With bdlab's standard clean
+    surrogate on MNIST / LeNet (epsilon 0.3, 20 steps) the trojaned model learns the
+    perturbations themselves as class evidence (99.6% on the perturbed images) and ignores the
+    trigger: ASR 0.15% (README). A robust surrogate is not implemented yet.
+
     Args:
         poison_rate: share of the target class poisoned (default 0.25, the paper's).
         amplitude: trigger blending weight on poisoned training images (default 0.25).
