@@ -59,5 +59,8 @@ def close_loggers(loggers: list[Logger], status: str) -> None:
     process starts a run of its own instead of appending to this one."""
     for logger in loggers:
         logger.finalize(status)
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish(exit_code=0 if status == "success" else 1)
+        if isinstance(logger, WandbLogger):
+            import wandb  # imported by WandbLogger already; only W&B runs get here
+
+            if wandb.run is not None:
+                wandb.finish(exit_code=0 if status == "success" else 1)

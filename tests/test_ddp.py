@@ -11,7 +11,10 @@ import torch
 
 from bdlab.training.loader import TensorBatches
 from tests.conftest import TINY_RUN
-from tests.sweep_helpers import isolated_env, results, tiny_sweep  # noqa: F401 (fixture)
+from tests.sweep_helpers import isolated_env, results
+
+# the session-wide tiny_sweep fixture, shared with the other sweep tests (one run for all)
+pytest_plugins = ["tests.sweep_helpers"]
 
 
 def test_two_process_ddp_run_reports_the_single_process_keys(tiny_sweep: tuple[Path, subprocess.CompletedProcess],

@@ -9,7 +9,10 @@ from pathlib import Path
 
 
 from bdlab.sweeping.devices import claim_gpu
-from tests.sweep_helpers import GRID, multirun, results, tiny_sweep  # noqa: F401 (fixture)
+from tests.sweep_helpers import GRID, multirun, results
+
+# the session-wide tiny_sweep fixture, shared with the other sweep tests (one run for all)
+pytest_plugins = ["tests.sweep_helpers"]
 
 
 def measured(run: dict) -> dict[str, float]:

@@ -9,7 +9,10 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.sweep_helpers import REPO, tiny_sweep  # noqa: F401 (fixture)
+from tests.sweep_helpers import REPO
+
+# the session-wide tiny_sweep fixture, shared with the other sweep tests (one run for all)
+pytest_plugins = ["tests.sweep_helpers"]
 
 
 def test_compare_notebook_draws_table_and_heatmap(tiny_sweep: tuple[Path, subprocess.CompletedProcess],

@@ -15,7 +15,9 @@ import pytest
 from bdlab.report import main as report_main
 from bdlab.reporting.tables import HEADLINE, slug
 from bdlab.results import RESULTS_FORMAT
-from tests.sweep_helpers import tiny_sweep  # noqa: F401 (fixture)
+
+# the session-wide tiny_sweep fixture, shared with the other sweep tests (one run for all)
+pytest_plugins = ["tests.sweep_helpers"]
 
 
 def write_result(path: Path, attack: str = "badnets", defense: str = "none", seed: int = 0,

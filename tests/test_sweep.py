@@ -13,7 +13,10 @@ from omegaconf import DictConfig
 
 from bdlab.compose import CONFIG_DIR
 from bdlab.sweeping.callback import SweepCallback, grid_problems, options
-from tests.sweep_helpers import results, tiny_sweep  # noqa: F401 (fixture)
+from tests.sweep_helpers import results
+
+# the session-wide tiny_sweep fixture, shared with the other sweep tests (one run for all)
+pytest_plugins = ["tests.sweep_helpers"]
 from tests.test_run import bdlab_run
 
 CELLS = [f"{a}/{d}" for a in ("badnets", "blended", "none") for d in ("none", "flip")]
@@ -93,3 +96,21 @@ def test_a_sweep_without_multirun_says_so(capsys: pytest.CaptureFixture) -> None
     with pytest.raises(SystemExit) as stop:
         SweepCallback().on_run_start(sweep_config("+sweep=smoke"))
     assert stop.value.code == 2 and "python -m bdlab.run -m +sweep=smoke" in capsys.readouterr().err
+
+
+def test_wandb_run_carries_names_params_group_and_trigger_media(tmp_path: Path) -> None:
+    from bdlab.compose import compose_config
+    from bdlab.run import run_experiment
+    from tests.conftest import TINY_RUN
+
+    cfg = compose_config([*TINY_RUN, "logger=wandb", "trainer.max_epochs=1"])
+    run_experiment(cfg, tmp_path, group="quick/2026-01-01_00-00-00")
+    (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
+    # an offline run keeps config, group and history in its .wandb record file until `wandb sync`
+    records = next(run_dir.glob("*.wandb")).read_bytes()
+    for key, value in [("attack", "badnets"), ("defense", "none"), ("dataset", "synthetic"), ("model", "lenet")]:
+        assert f'{key}'.encode() in records and f'"{value}"'.encode() in records
+    assert b"attack_params" in records and b"poison_rate" in records and b"trojan/asr" in records
+    assert b"quick/2026-01-01_00-00-00" in records  # the sweep as the run's group
+    assert list((run_dir / "files" / "media" / "images").glob("media/trigger_examples_*.png"))
+    assert (tmp_path / "trigger_examples.png").is_file()
