@@ -106,7 +106,7 @@ def test_unreadable_files_are_skipped_and_listed(tmp_path: Path, capsys: pytest.
     (tmp_path / "partial").mkdir()
     (tmp_path / "partial" / "results.json").write_text('{"format": 1, "status": "ok"}')
     (tmp_path / "killed" / ".hydra").mkdir(parents=True)
-    assert report_main([str(tmp_path), str(tmp_path / "nowhere")]) == 0
+    assert report_main([str(tmp_path), str(tmp_path / "nowhere"), "--out", str(tmp_path / "report")]) == 0
     captured = capsys.readouterr()
     problems = captured.err.splitlines()
     assert len(problems) == 4
