@@ -114,3 +114,13 @@ def test_bad_parameters_are_config_errors(make, field: str) -> None:
     with pytest.raises(ConfigError) as error:
         make()
     assert error.value.field == field
+
+
+def test_spectral_signature_derives_epsilon_from_the_attack() -> None:
+    data = make_splits(torch.zeros(20, 1, 4, 4, dtype=torch.uint8), torch.arange(20) % 10)
+    defense = SpectralSignature(retrain=False)
+    defense.setup(data, BadNets(poison_rate=0.1))
+    assert defense.epsilon == pytest.approx(0.5)  # 10% of the set relabelled: half of a balanced class
+    defense.setup(data, NoAttack())
+    assert defense.epsilon == 0.0
+    assert SpectralSignature(poison_fraction=0.2).epsilon == 0.2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from bdlab.compose import compose_config
 from bdlab.defenses.filtering import HISTOGRAM_FILE
 from bdlab.defenses.strip import STRIP, mean_mixture_entropy
 from bdlab.errors import ConfigError
-from bdlab.pipeline import prepare
+from bdlab.pipeline import execute, prepare
 from tests.conftest import TINY_RUN
 from tests.test_run import bdlab_run
 
@@ -76,14 +75,14 @@ def test_bad_parameters_are_config_errors(kwargs: dict, field: str) -> None:
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_refool_with_strip_end_to_end(tmp_path: Path, channels: int) -> None:
-    result = bdlab_run(tmp_path, "attack=refool", "defense=strip", f"dataset.channels={channels}",
-                       "attack.sigma=[0.5,1.5]", "attack.ghost_offset=[1,3]", "defense.num_overlays=8",
-                       "dataset.defense_fraction=0.1", "defense.max_inputs=200", "dataset.train_size=1000",
-                       "trainer.max_epochs=3")
-    assert result.returncode == 0, result.stderr[-2000:]
-    results = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert (results["attack"], results["defense"]) == ("refool", "strip")
-    metrics = results["metrics"]
+    """The pipeline in-process (the CLI wrapper is covered by test_run and the exit-2 test below)."""
+    cfg = compose_config([*TINY_RUN, "attack=refool", "defense=strip", f"dataset.channels={channels}",
+                          "attack.sigma=[0.5,1.5]", "attack.ghost_offset=[1,3]", "defense.num_overlays=8",
+                          "dataset.defense_fraction=0.1", "defense.max_inputs=200", "dataset.train_size=1000",
+                          "trainer.max_epochs=3", f"cache_dir={tmp_path / 'cache'}"])
+    experiment = prepare(cfg)
+    assert experiment.attack.display_name == "refool" and experiment.defense.name == "strip"
+    metrics = execute(experiment, cfg.cache_dir, tmp_path / "run", [])["metrics"]
     for key in ("tpr", "fpr", "roc_auc", "asr_after_rejection", "acc_cost", "time_per_input_ms", "threshold"):
         assert f"defense/{key}" in metrics
     assert 0.0 <= metrics["defense/roc_auc"] <= 1.0 and 0.0 <= metrics["defense/tpr"] <= 100.0

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bdlab.attacks.base import Attack
+from bdlab.attacks.base import Attack, NoAttack
 from bdlab.datasets.base import DatasetSplits
 from bdlab.defenses.data_filtering import DataFilteringDefense
 from bdlab.errors import check_range
@@ -25,6 +25,16 @@ def spectral_scores(features: Tensor) -> Tensor:
     return (centred @ vh[0]) ** 2
 
 
+def expected_class_fraction(attack: Attack, num_classes: int) -> float:
+    """The share of poisoned samples in the target class that the attack's published rate implies."""
+    if isinstance(attack, NoAttack):
+        return 0.0
+    if attack.clean_label:
+        return attack.poison_rate
+    poisoned_per_class = attack.poison_rate * num_classes
+    return poisoned_per_class / (1.0 + poisoned_per_class)
+
+
 class SpectralSignature(DataFilteringDefense):
     """Spectral signatures (Tran et al., NeurIPS 2018, Algorithm 1; TrojanZoo Table 3 "Ss").
 
@@ -35,8 +45,11 @@ class SpectralSignature(DataFilteringDefense):
     removal, a per-class ranking, is unaffected).
 
     Args:
-        poison_fraction: ``epsilon``, the expected fraction of poisoned samples (Tran et al. assume
-            an upper bound is known); null (default) takes the attack's ``poison_rate``.
+        poison_fraction: ``epsilon``, the expected fraction of poisoned samples *in a class* (Tran et
+            al. assume an upper bound is known). Null (default) derives it from the attack: a
+            dirty-label rate ``r`` of ``K`` balanced classes puts ``r N`` poisoned samples into a class
+            of ``N / K``, so ``epsilon = r K / (1 + r K)`` (0.5 at 10%, 0.09 at 1% on MNIST); a
+            clean-label rate is already a share of the target class; no attack expects none.
         removal_factor: how many times ``epsilon`` to remove per class (default 1.5, Tran et al.).
         mode, retrain, fpr, max_inputs, seed: see :class:`~bdlab.defenses.data_filtering.DataFilteringDefense`.
     """
@@ -53,7 +66,8 @@ class SpectralSignature(DataFilteringDefense):
 
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
         super().setup(data, attack)
-        self.epsilon = self.poison_fraction if self.poison_fraction is not None else attack.poison_rate
+        self.epsilon = self.poison_fraction if self.poison_fraction is not None else expected_class_fraction(
+            attack, data.num_classes)
 
     def detect(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         if self.epsilon is None:
