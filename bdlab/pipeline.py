@@ -33,8 +33,12 @@ from bdlab.training.fit import fit_classifier
 
 log = logging.getLogger(__name__)
 
-# config keys that do not change what a dataset contains
-_DATASET_LOCATION_KEYS = ("root", "download", "system_dir")
+# config keys that say where things live, not what they are: never part of a cache key
+_LOCATION_KEYS = ("root", "download", "system_dir", "cache_dir")
+
+
+def _without_locations(node: DictConfig) -> dict[str, Any]:
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k not in _LOCATION_KEYS}
 
 
 @dataclass
@@ -92,8 +96,7 @@ def training_processes(trainer: dict[str, Any]) -> int:
 
 def model_spec(cfg: DictConfig, with_attack: bool) -> dict[str, Any]:
     """Exactly the config that determines a trained model (never the defense, logger or paths)."""
-    dataset = {k: v for k, v in OmegaConf.to_container(cfg.dataset, resolve=True).items()
-               if k not in _DATASET_LOCATION_KEYS}
+    dataset = _without_locations(cfg.dataset)
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     recipe = {"max_epochs": trainer.get("max_epochs"), "precision": trainer.get("precision")}
     processes = training_processes(trainer)
@@ -105,7 +108,7 @@ def model_spec(cfg: DictConfig, with_attack: bool) -> dict[str, Any]:
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
         "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         "recipe": recipe,
-        "attack": OmegaConf.to_container(cfg.attack, resolve=True) if with_attack else None,
+        "attack": _without_locations(cfg.attack) if with_attack else None,
         "seed": int(cfg.seed),
     }
 

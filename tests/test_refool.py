@@ -130,3 +130,10 @@ def test_bad_parameters_are_config_errors(kwargs: dict, field: str) -> None:
     with pytest.raises(ConfigError) as error:
         Refool(**kwargs)
     assert error.value.field == field
+
+
+def test_enhanced_refool_is_named_with_a_plus() -> None:
+    from bdlab.attacks.refool import Refool
+
+    assert Refool(enhance=True).display_name == "refool+"
+    assert Refool(enhance=True, clean_label=True).display_name == "refool_clean_label+"

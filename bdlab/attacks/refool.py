@@ -174,7 +174,8 @@ class Refool(Attack):
 
     @property
     def display_name(self) -> str:
-        return "refool_clean_label" if self.clean_label else self.name
+        name = "refool_clean_label" if self.clean_label else self.name
+        return f"{name}+" if self.enhance else name
 
     @property
     def kernel_size(self) -> int:
