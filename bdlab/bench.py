@@ -17,7 +17,7 @@ import torch
 
 from bdlab.compose import compose_config
 from bdlab.errors import ConfigError
-from bdlab.pipeline import prepare
+from bdlab.pipeline import poisoned_training_set, prepare
 from bdlab.training.augment import TrainAugment
 from bdlab.training.fit import fit_classifier
 
@@ -34,7 +34,7 @@ def bench_train(overrides: list[str], epochs: int, repeats: int) -> list[dict[st
     experiment = prepare(cfg)
     data = experiment.data
     started = time.perf_counter()
-    poisoned = experiment.attack.poison_train(data.train, experiment.device)
+    poisoned = poisoned_training_set(experiment, cfg.cache_dir)
     poison_s = time.perf_counter() - started
     augment = TrainAugment(data.crop_padding, data.hflip)
     best = {"clean": 0.0, "poisoned": 0.0}

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from bdlab.attacks.base import NoAttack, PoisonedSet
 from bdlab.compose import compose_config
 from bdlab.errors import ConfigError
-from bdlab.pipeline import prepare
+from bdlab.pipeline import poisoned_training_set, prepare
 
 
 def save_poisoned_set(poisoned: PoisonedSet, path: Path, metadata: dict[str, str]) -> None:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"bdlab: invalid config: {error}", file=sys.stderr)
         return 2
-    poisoned = experiment.attack.poison_train(experiment.data.train, experiment.device)
+    poisoned = poisoned_training_set(experiment, cfg.cache_dir)
     metadata = {"dataset": experiment.data.name, "attack": experiment.attack.name,
                 "attack_config": json.dumps(OmegaConf.to_container(cfg.attack, resolve=True))}
     save_poisoned_set(poisoned, out, metadata)

@@ -148,6 +148,20 @@ def attack_metrics(model: Classifier, data: DatasetSplits, attack: Attack,
     return metrics
 
 
+def poisoned_training_set(experiment: Experiment, cache_dir: str | Path) -> PoisonedSet:
+    """The training set the attacker hands over, outside a full run (export, benchmarks).
+
+    Attacks that craft their poisons on a clean surrogate first get the clean reference model,
+    from the cache or trained, exactly as :func:`execute` hands it to them.
+    """
+    if experiment.attack.needs_clean_model:
+        cache = ArtifactCache(cache_dir)
+        clean_spec = model_spec(experiment.cfg, with_attack=False)
+        clean_model, _ = trained_model(experiment, cache, "clean", clean_spec, experiment.data.train, [])
+        experiment.attack.use_clean_model(clean_model, cache, spec_hash(clean_spec))
+    return experiment.attack.poison_train(experiment.data.train, experiment.device)
+
+
 def execute(experiment: Experiment, cache_dir: str | Path, output_dir: Path,
             loggers: list[Logger]) -> dict[str, Any]:
     """Train (or reuse) both models, evaluate, defend; returns the metrics, timings and artifact records."""

@@ -54,6 +54,8 @@ class Attack(ABC):
 
     name = "attack"
     clean_label = False
+    # True for attacks that craft their poisons on the clean reference model (use_clean_model)
+    needs_clean_model = False
 
     def __init__(self, poison_rate: float = 0.1, target_class: int = 0, seed: int = 0, enhance: bool = False,
                  enhance_max_shrink: int = 4) -> None:
