@@ -1,4 +1,5 @@
-"""Label-consistent attack: four-corner symmetric trigger, PGD on the surrogate, clean labels, cache."""
+"""Label-consistent attack: four-corner symmetric trigger, PGD on the (robust or clean) surrogate, clean labels,
+cache."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bdlab.attacks.label_consistent import LabelConsistent
+from bdlab.attacks import label_consistent
+from bdlab.attacks.label_consistent import LabelConsistent, fast_adversarial_training
 from bdlab.cache import ArtifactCache
 from bdlab.compose import compose_config
 from bdlab.errors import ConfigError
@@ -45,7 +47,8 @@ def test_trigger_is_four_symmetric_corners_blended_at_test_amplitude() -> None:
 
 def test_poisons_only_the_target_class_with_bounded_perturbation_and_caches(tmp_path: Path) -> None:
     data = handmade()
-    attack = LabelConsistent(poison_rate=0.25, epsilon=8 / 255, step=2 / 255, iterations=5, target_class=1)
+    attack = LabelConsistent(poison_rate=0.25, epsilon=8 / 255, step=2 / 255, iterations=5, target_class=1,
+                             surrogate="clean")
     attack.setup(data)
     with pytest.raises(RuntimeError):
         attack.poison_train(data.train)
@@ -59,14 +62,15 @@ def test_poisons_only_the_target_class_with_bounded_perturbation_and_caches(tmp_
     difference = (poisoned.images.float() - data.train.images.float()).abs()[poisoned.is_poison]
     off_trigger = difference[:, :, ~attack.trigger_mask]
     assert off_trigger.max() <= 8 + 1 and off_trigger.max() > 0  # PGD within epsilon (plus rounding)
-    assert len(list(tmp_path.rglob("*.safetensors"))) == 1
+    assert len(list(tmp_path.rglob("*.safetensors"))) == 1  # the clean surrogate: no robust model trained
+    assert not (tmp_path / "models").exists()
     again = attack.poison_train(data.train)
     assert torch.equal(again.images, poisoned.images)
 
 
 def test_zero_iterations_is_the_trigger_alone(tmp_path: Path) -> None:
     data = handmade()
-    attack = LabelConsistent(iterations=0, amplitude=0.25)
+    attack = LabelConsistent(iterations=0, amplitude=0.25, surrogate="clean")
     attack.setup(data)
     attack.use_clean_model(surrogate(), ArtifactCache(tmp_path), "key")
     poisoned = attack.poison_train(data.train)
@@ -74,6 +78,69 @@ def test_zero_iterations_is_the_trigger_alone(tmp_path: Path) -> None:
     x, m = data.train.images[index].float() / 255, 0.25 * attack.trigger_mask.float()
     expected = (x * (1 - m) + m * attack.pattern) * 255
     assert (poisoned.images[index].float() - expected).abs().max() <= 0.5001
+
+
+def test_robust_surrogate_is_adversarially_trained_once_and_cached(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    data = handmade()
+    calls: list[int] = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return fast_adversarial_training(*args, **kwargs)
+
+    monkeypatch.setattr(label_consistent, "fast_adversarial_training", counting)
+    clean = surrogate()
+    clean_state = {k: v.clone() for k, v in clean.state_dict().items()}
+    cache = ArtifactCache(tmp_path)
+    settings = dict(epsilon=0.1, step=0.02, iterations=5, target_class=1, adv_epsilon=0.2, adv_epochs=1,
+                    adv_batch_size=16)
+    attack = LabelConsistent(**settings)
+    attack.setup(data)
+    attack.use_clean_model(clean, cache, "key")
+    poisoned = attack.poison_train(data.train)
+    assert calls == [1]
+    assert len(list((tmp_path / "models" / "robust_surrogate").glob("*/tensors.safetensors"))) == 1
+    assert all(torch.equal(v, clean_state[k]) for k, v in clean.state_dict().items())  # the clean model is untouched
+    robust, key = attack.robust_surrogate(data.train)
+    assert calls == [1] and not torch.equal(robust.state_dict()["net.head.weight"], clean_state["net.head.weight"])
+    # another run with the same settings (new poisoned images asked for) reuses the stored surrogate
+    other = LabelConsistent(**{**settings, "iterations": 3})
+    other.setup(data)
+    other.use_clean_model(surrogate(), cache, "key")
+    other.poison_train(data.train)
+    assert calls == [1] and other.robust_surrogate(data.train)[1] == key
+    # the clean surrogate gives other perturbations, cached apart from the robust ones
+    plain = LabelConsistent(**{**settings, "surrogate": "clean"})
+    plain.setup(data)
+    plain.use_clean_model(clean, cache, "key")
+    assert not torch.equal(plain.poison_train(data.train).images, poisoned.images)
+    assert len(list((tmp_path / "poisoned" / "label_consistent").glob("*/tensors.safetensors"))) == 3
+    # a different training setting or clean model key is a different surrogate
+    changed = LabelConsistent(**{**settings, "adv_epsilon": 0.1})
+    changed.use_clean_model(clean, cache, "key")
+    assert changed.robust_surrogate(data.train)[1] != key and calls == [1, 1]
+    scratch = LabelConsistent(**{**settings, "adv_init": "scratch"})
+    scratch.use_clean_model(clean, cache, "other-key")
+    assert scratch.robust_surrogate(data.train)[1] not in (key,) and calls == [1, 1, 1]
+
+
+def test_fast_adversarial_training_makes_the_surrogate_robust() -> None:
+    torch.manual_seed(0)
+    n = 512
+    labels = torch.arange(n) % 2
+    # class = brightness of the left half (a gap of 0.4, learnable robustly at epsilon 0.1)
+    images = torch.zeros(n, 1, 16, 16)
+    images[:, :, :, :8] = (0.3 + 0.4 * labels.float()).view(-1, 1, 1, 1) + 0.05 * torch.randn(n, 1, 16, 8)
+    images = (images.clamp(0, 1) * 255).to(torch.uint8)
+    model = build_classifier(LeNet, (1, 16, 16), 2, (0.5,), (0.25,))
+    fast_adversarial_training(model, images, labels, epsilon=0.1, step=0.125, epochs=4, lr=0.05, batch_size=64,
+                              seed=0)
+    x = images.float() / 255
+    adversarial = label_consistent.pgd_untargeted(model, x, labels, 0.1, 0.025, 10)
+    with torch.no_grad():
+        assert (model(adversarial).argmax(1) == labels).float().mean() > 0.9
+    assert not model.training
 
 
 def test_end_to_end_on_the_tiny_run(tmp_path: Path, tmp_path_factory) -> None:
@@ -88,7 +155,10 @@ def test_end_to_end_on_the_tiny_run(tmp_path: Path, tmp_path_factory) -> None:
     (["attack.amplitude=0"], "attack.amplitude"), (["attack.amplitude=1.5"], "attack.amplitude"),
     (["attack.test_amplitude=2"], "attack.test_amplitude"), (["attack.epsilon=-0.1"], "attack.epsilon"),
     (["attack.step=2"], "attack.step"), (["attack.iterations=-1"], "attack.iterations"),
-    (["attack.poison_rate=0"], "attack.poison_rate"),
+    (["attack.poison_rate=0"], "attack.poison_rate"), (["attack.surrogate=robust"], "attack.surrogate"),
+    (["attack.adv_init=pretrained"], "attack.adv_init"), (["attack.adv_epsilon=0"], "attack.adv_epsilon"),
+    (["attack.adv_step=-1"], "attack.adv_step"), (["attack.adv_epochs=0"], "attack.adv_epochs"),
+    (["attack.adv_lr=0"], "attack.adv_lr"), (["attack.adv_batch_size=0"], "attack.adv_batch_size"),
 ])
 def test_bad_values_are_refused_before_training(overrides: list[str], field: str) -> None:
     with pytest.raises(ConfigError) as info:
