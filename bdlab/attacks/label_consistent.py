@@ -152,6 +152,7 @@ class LabelConsistent(MaskPatternAttack):
 
     name = "label_consistent"
     clean_label = True
+    needs_clean_model = True
 
     def __init__(self, poison_rate: float = 0.25, amplitude: float = 0.25, test_amplitude: float = 1.0,
                  epsilon: float = 8 / 255, step: float = 2 / 255, iterations: int = 10,
