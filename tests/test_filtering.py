@@ -10,7 +10,6 @@ from torch import Tensor, nn
 
 from bdlab.attacks.badnets import BadNets
 from bdlab.context import RunContext
-from bdlab.datasets.base import ImageSet
 from bdlab.defenses.filtering import HISTOGRAM_FILE, InputFilteringDefense, roc_auc, threshold_at_fpr
 from bdlab.errors import ConfigError
 from bdlab.models.classifier import Classifier

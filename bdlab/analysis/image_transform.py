@@ -5,9 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from bdlab.analysis.base import Analysis
 from bdlab.analysis.common import error_rate, evaluation_images, predictions, rate
-from bdlab.analysis.transform_study import check_study, run_study
+from bdlab.analysis.transform_study import TransformStudy, run_study
 from bdlab.attacks.base import Attack, NoAttack
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
@@ -15,7 +14,7 @@ from bdlab.errors import ConfigError
 from bdlab.transforms import rotate, scale, translate_wrap
 
 
-class ImageTransform(Analysis):
+class ImageTransform(TransformStudy):
     """Poisoned test images (and the same clean images) translated with wrap-around (shifted-out
     pixels re-enter on the other side), scaled about the centre (nearest-neighbour, black fill)
     and rotated clockwise about the centre (nearest, black fill), as in Fig. 4.
@@ -36,14 +35,7 @@ class ImageTransform(Analysis):
     """
 
     name = "image_transform"
-
-    def __init__(self, radii: list[int] = (1, 2, 3), points: int = 8,
-                 scales: list[float] = (0.8, 0.9, 1.0, 1.1, 1.2),
-                 angles: list[float] = (0, 15, 30, 45, 60, 75, 90), max_images: int = 1000) -> None:
-        self.radii, self.points = [int(r) for r in radii], int(points)
-        self.scales, self.angles = [float(s) for s in scales], [float(a) for a in angles]
-        self.max_images = int(max_images)
-        check_study(f"analysis.{self.name}", self.radii, self.points, self.scales, self.angles)
+    default_scales = (0.8, 0.9, 1.0, 1.1, 1.2)
 
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
         field = f"analysis.{self.name}"

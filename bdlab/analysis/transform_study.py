@@ -8,6 +8,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 
+from bdlab.analysis.base import Analysis
 from bdlab.analysis.common import Transform, save_figure, write_table
 from bdlab.context import RunContext
 from bdlab.errors import ConfigError
@@ -70,3 +71,19 @@ def run_study(context: RunContext, name: str, radii: list[int], points: int, sca
             for offset, column in enumerate(columns, start=4):
                 metrics[f"analysis/{name}/{kind}_{parameter:g}/{column}"] = sum(r[offset] for r in chosen) / len(chosen)
     return metrics
+
+
+class TransformStudy(Analysis):
+    """The fields both transformation studies share: translation radii with ``points`` per circle,
+    scale factors (``default_scales`` when none are given), rotation angles, and the number of
+    test images evaluated."""
+
+    default_scales: tuple[float, ...] = (0.8, 1.0, 1.2)
+
+    def __init__(self, radii: list[int] = (1, 2, 3), points: int = 8, scales: list[float] | None = None,
+                 angles: list[float] = (0, 15, 30, 45, 60, 75, 90), max_images: int = 1000) -> None:
+        self.radii, self.points = [int(r) for r in radii], int(points)
+        self.scales = [float(s) for s in (self.default_scales if scales is None else scales)]
+        self.angles = [float(a) for a in angles]
+        self.max_images = int(max_images)
+        check_study(f"analysis.{self.name}", self.radii, self.points, self.scales, self.angles)

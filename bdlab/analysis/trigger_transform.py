@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bdlab.analysis.base import Analysis
 from bdlab.analysis.common import (error_rate, evaluation_images, predictions, rate, require_trigger, stamp_layers,
                                    trigger_centre)
-from bdlab.analysis.transform_study import check_study, run_study
+from bdlab.analysis.transform_study import TransformStudy, run_study
 from bdlab.attacks.base import Attack
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
@@ -16,7 +15,7 @@ from bdlab.errors import ConfigError
 from bdlab.transforms import rotate, scale, translate_fill
 
 
-class TriggerTransform(Analysis):
+class TriggerTransform(TransformStudy):
     """The trigger layer (mask and pattern) moved to ``points`` positions on circles of each radius,
     scaled about its centre, and rotated clockwise about its centre, nearest-neighbour, then
     stamped on clean non-target test images (Fig. 3 of "Why is your Trojan").
@@ -35,13 +34,6 @@ class TriggerTransform(Analysis):
     """
 
     name = "trigger_transform"
-
-    def __init__(self, radii: list[int] = (1, 2, 3), points: int = 8, scales: list[float] = (0.8, 1.0, 1.2),
-                 angles: list[float] = (0, 15, 30, 45, 60, 75, 90), max_images: int = 1000) -> None:
-        self.radii, self.points = [int(r) for r in radii], int(points)
-        self.scales, self.angles = [float(s) for s in scales], [float(a) for a in angles]
-        self.max_images = int(max_images)
-        check_study(f"analysis.{self.name}", self.radii, self.points, self.scales, self.angles)
 
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
         field = f"analysis.{self.name}"

@@ -156,7 +156,7 @@ class NoAttack(Attack):
         super().__init__(poison_rate=1.0)
 
     def setup(self, data: DatasetSplits) -> None:
-        pass
+        """Nothing to validate: there is no trigger and no poisoned sample."""
 
     def apply(self, x: Tensor) -> Tensor:
         return x.clone()
