@@ -13,6 +13,11 @@ from torch import Tensor
 from torchmetrics.functional.classification import multiclass_accuracy
 
 
+def percent(flags: Tensor) -> float:
+    """Percent of True entries of a bool tensor (NaN for none): every rate metric reduces to this."""
+    return 100.0 * flags.double().mean().item() if len(flags) else math.nan
+
+
 def accuracy(logits: Tensor, labels: Tensor) -> float:
     """ACC: top-1 accuracy in percent."""
     if len(labels) == 0:
@@ -22,9 +27,7 @@ def accuracy(logits: Tensor, labels: Tensor) -> float:
 
 def attack_success_rate(poisoned_logits: Tensor, target_class: int) -> float:
     """ASR: percent of poisoned inputs (built from non-target images) classified as the target."""
-    if len(poisoned_logits) == 0:
-        return math.nan
-    return 100.0 * (poisoned_logits.argmax(1) == target_class).double().mean().item()
+    return percent(poisoned_logits.argmax(1) == target_class)
 
 
 def target_confidence(poisoned_logits: Tensor, target_class: int) -> float:

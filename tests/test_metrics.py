@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bdlab.metrics import accuracy, attack_success_rate, target_confidence, true_class_confidence
+from bdlab.metrics import accuracy, attack_success_rate, percent, target_confidence, true_class_confidence
 
 
 def logits_for(predictions: list[int], classes: int = 3, scale: float = 10.0) -> torch.Tensor:
@@ -33,3 +33,8 @@ def test_tmc_averages_only_successful_inputs() -> None:
 def test_ccc_is_mean_true_class_probability() -> None:
     logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
     assert true_class_confidence(logits, torch.tensor([0, 1])) == pytest.approx((0.5 + 0.25) / 2)
+
+
+def test_percent_of_true_flags() -> None:
+    assert percent(torch.tensor([True, False, True, True])) == pytest.approx(75.0)
+    assert math.isnan(percent(torch.tensor([], dtype=torch.bool)))

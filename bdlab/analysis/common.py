@@ -19,6 +19,7 @@ from bdlab.context import RunContext  # noqa: E402
 from bdlab.datasets.base import ImageSet  # noqa: E402
 from bdlab.errors import ConfigError  # noqa: E402
 from bdlab.evaluate import predict_logits  # noqa: E402
+from bdlab.metrics import percent
 
 Transform = Callable[[Tensor], Tensor]
 
@@ -59,18 +60,13 @@ def predictions(context: RunContext, images: Tensor, transform: Transform | None
     return predict_logits(context.trojan_model, images, transform).argmax(1)
 
 
-def rate(hits: Tensor) -> float:
-    """Percentage of True entries (NaN for none)."""
-    return 100.0 * hits.double().mean().item() if len(hits) else float("nan")
-
-
 def error_rate(transformed: Tensor, clean: Tensor, poisoned: Tensor, labels: Tensor, target: int) -> float:
     """"Why is your Trojan" Table 3: share of transformed poisoned inputs predicted neither as the
     target nor as the true label, among those whose clean version is right and whose
     untransformed poisoned version hits the target."""
     valid = (clean == labels) & (poisoned == target)
     wrong = (transformed != target) & (transformed != labels)
-    return rate(wrong[valid])
+    return percent(wrong[valid])
 
 
 def output_dir(context: RunContext, name: str) -> Path:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from bdlab.analysis.common import error_rate, evaluation_images, predictions, rate
+from bdlab.analysis.common import error_rate, evaluation_images, predictions
 from bdlab.analysis.transform_study import TransformStudy, run_study
 from bdlab.attacks.base import Attack, NoAttack
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import ConfigError
+from bdlab.metrics import percent
 from bdlab.transforms import rotate, scale, translate_wrap
 
 
@@ -50,12 +51,12 @@ class ImageTransform(TransformStudy):
         clean, poisoned = evaluation_images(context, self.max_images)
         clean_pred = predictions(context, clean.images)
         poisoned_pred = predictions(context, poisoned.images)
-        asr_before = rate(poisoned_pred == target)
+        asr_before = percent(poisoned_pred == target)
 
         def measure(kind, parameter, transform, point) -> list[float]:
             predicted = predictions(context, poisoned.images, transform)
-            asr = rate(predicted == target)
-            acc = rate(predictions(context, clean.images, transform) == clean.labels)
+            asr = percent(predicted == target)
+            acc = percent(predictions(context, clean.images, transform) == clean.labels)
             errors = error_rate(predicted, clean_pred, poisoned_pred, poisoned.labels, target)
             return [asr, acc, asr_before - asr, errors]
 

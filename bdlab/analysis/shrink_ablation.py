@@ -7,11 +7,12 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 from bdlab.analysis.base import Analysis
-from bdlab.analysis.common import predictions, rate, save_figure, write_table
+from bdlab.analysis.common import predictions, save_figure, write_table
 from bdlab.attacks.base import Attack, NoAttack
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import ConfigError
+from bdlab.metrics import percent
 from bdlab.transforms import check_shrink, make_generator, shrink_pad
 
 
@@ -46,8 +47,8 @@ class ShrinkAblation(Analysis):
         for size in self.sizes:
             generator = make_generator(self.seed, context.device)
             transform = lambda x, s=size: shrink_pad(x, s, generator)  # noqa: E731
-            asr = rate(predictions(context, context.poisoned_test.images, transform) == target)
-            acc = rate(predictions(context, context.data.test.images, transform) == context.data.test.labels)
+            asr = percent(predictions(context, context.poisoned_test.images, transform) == target)
+            acc = percent(predictions(context, context.data.test.images, transform) == context.data.test.labels)
             rows.append([size, asr, acc])
             metrics[f"analysis/{self.name}/asr_s{size}"] = asr
             metrics[f"analysis/{self.name}/acc_s{size}"] = acc

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from bdlab.analysis.common import (error_rate, evaluation_images, predictions, rate, require_trigger, stamp_layers,
+from bdlab.analysis.common import (error_rate, evaluation_images, predictions, require_trigger, stamp_layers,
                                    trigger_centre)
 from bdlab.analysis.transform_study import TransformStudy, run_study
 from bdlab.attacks.base import Attack
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import ConfigError
+from bdlab.metrics import percent
 from bdlab.transforms import rotate, scale, translate_fill
 
 
@@ -61,7 +62,7 @@ class TriggerTransform(TransformStudy):
 
         def measure(kind, parameter, stamp, point) -> list[float]:
             predicted = predictions(context, clean.images, stamp)
-            return [rate(predicted == target), error_rate(predicted, clean_pred, poisoned_pred, clean.labels, target)]
+            return [percent(predicted == target), error_rate(predicted, clean_pred, poisoned_pred, clean.labels, target)]
 
         return run_study(context, self.name, self.radii, self.points, self.scales, self.angles,
                          ["asr", "error_rate"], measure,

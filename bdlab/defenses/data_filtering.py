@@ -26,10 +26,10 @@ from torch import Tensor
 from bdlab.attacks.base import Attack, NoAttack
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
-from bdlab.defenses.filtering import InputFilteringDefense, rate, roc_auc
+from bdlab.defenses.filtering import InputFilteringDefense, roc_auc
 from bdlab.errors import ConfigError
 from bdlab.evaluate import EVAL_BATCH, model_device, predict_logits
-from bdlab.metrics import accuracy, attack_success_rate
+from bdlab.metrics import accuracy, attack_success_rate, percent
 from bdlab.models.classifier import Classifier
 
 MODES = ("train_data", "inference")
@@ -93,8 +93,8 @@ class DataFilteringDefense(InputFilteringDefense):
         features, _ = penultimate_features(context.trojan_model, train.images)
         scores, flags = self.detect(features, train.labels)
         metrics: dict[str, Any] = {
-            "defense/poison_tpr": rate(flags[is_poison]),
-            "defense/poison_fpr": rate(flags[~is_poison]),
+            "defense/poison_tpr": percent(flags[is_poison]),
+            "defense/poison_fpr": percent(flags[~is_poison]),
             "defense/poison_roc_auc": roc_auc(scores[~is_poison], scores[is_poison]),
             "defense/removed": int(flags.sum()),
         }

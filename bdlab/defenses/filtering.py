@@ -36,6 +36,7 @@ from bdlab.context import RunContext
 from bdlab.defenses.base import Defense
 from bdlab.errors import ConfigError, check_range
 from bdlab.evaluate import predict_logits
+from bdlab.metrics import percent
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,6 @@ def roc_auc(clean_scores: Tensor, poisoned_scores: Tensor) -> float:
     scores = ranks.double() / max(len(unique) - 1, 1)
     targets = torch.cat([torch.zeros(len(clean_scores)), torch.ones(len(poisoned_scores))]).long()
     return float(binary_auroc(scores, targets))
-
-
-def rate(flags: Tensor) -> float:
-    """Percent of True entries (NaN for none)."""
-    return 100.0 * flags.double().mean().item() if len(flags) else math.nan
 
 
 def save_histogram(path: Path, clean: Tensor, poisoned: Tensor | None, threshold: float, title: str) -> Path:
@@ -154,18 +150,18 @@ class InputFilteringDefense(Defense):
         clean_correct = predict_logits(model, clean.images).argmax(1) == clean.labels
         metrics: dict[str, Any] = {
             "defense/threshold": threshold,
-            "defense/fpr": rate(clean_flags),
-            "defense/acc_after_rejection": rate(clean_correct & ~clean_flags),
-            "defense/acc_cost": rate(clean_correct) - rate(clean_correct & ~clean_flags),
+            "defense/fpr": percent(clean_flags),
+            "defense/acc_after_rejection": percent(clean_correct & ~clean_flags),
+            "defense/acc_cost": percent(clean_correct) - percent(clean_correct & ~clean_flags),
             "defense/time_per_input_ms": 1000.0 * elapsed / len(all_scores),
         }
         if poisoned is not None:
             poisoned_flags = poisoned_scores > threshold
             hits = predict_logits(model, poisoned.images).argmax(1) == target
             metrics.update({
-                "defense/tpr": rate(poisoned_flags),
+                "defense/tpr": percent(poisoned_flags),
                 "defense/roc_auc": roc_auc(clean_scores, poisoned_scores),
-                "defense/asr_after_rejection": rate(hits & ~poisoned_flags),
+                "defense/asr_after_rejection": percent(hits & ~poisoned_flags),
             })
         title = f"{self.name} vs {context.attack.display_name} on {context.data.name}"
         path = save_histogram(Path(context.output_dir) / HISTOGRAM_FILE, clean_scores, poisoned_scores, threshold,
