@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bdlab.attacks import BadNets, Blended
+from bdlab.attacks import BadNets, Blended, BlendedPatch
+from bdlab.compose import CONFIG_DIR
 from bdlab.errors import ConfigError
 from tests.conftest import make_splits
 
@@ -49,6 +50,28 @@ def test_badnets_pattern_file(tmp_path: Path) -> None:
     attack.setup(splits())
     out = attack.apply(torch.full((1, 1, 8, 8), 0.5))
     assert out[0, 0, 6:, 6:].tolist() == [[0.0, 1.0], [1.0, 0.0]]
+
+
+def test_pattern_file_falls_back_to_the_conf_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # the shipped pattern is not reachable from here by its relative path
+    attack = BadNets(pattern_file="experiment/checkerboard3.png")
+    attack.setup(splits())
+    assert (CONFIG_DIR / "experiment/checkerboard3.png").is_file()
+    out = attack.apply(torch.full((1, 1, 8, 8), 0.5))
+    assert out[0, 0, 5:, 5:].tolist() == [[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]]
+
+
+def test_blended_patch_mixes_the_patch_in_its_box_only() -> None:
+    attack = BlendedPatch(pattern_file="experiment/checkerboard3.png")
+    assert attack.alpha == 0.2 and attack.poison_rate == 0.2 and attack.name == "blended_patch"
+    attack.setup(splits())
+    out = attack.apply(torch.full((1, 1, 8, 8), 0.5))
+    checker = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
+    assert torch.allclose(out[0, 0, 5:, 5:], 0.8 * 0.5 + 0.2 * checker)
+    outside = torch.ones(8, 8, dtype=torch.bool)
+    outside[5:, 5:] = False
+    assert (out[0, 0][outside] == 0.5).all()
+    assert attack.trigger_mask.sum() == 9  # the analyses still see the patch's box
 
 
 def test_stamp_rounds_to_uint8_levels() -> None:
@@ -108,6 +131,8 @@ def test_poison_train_and_test_sets() -> None:
     (lambda: BadNets(poison_rate=1.5), "attack.poison_rate"),
     (lambda: Blended(alpha=1.5), "attack.alpha"),
     (lambda: Blended(alpha=-0.1), "attack.alpha"),
+    (lambda: BadNets(alpha=0.0), "attack.alpha"),
+    (lambda: BlendedPatch(alpha=1.2), "attack.alpha"),
 ])
 def test_invalid_values_fail_at_construction(make, field) -> None:
     with pytest.raises(ConfigError, match=field):
@@ -123,6 +148,7 @@ def test_invalid_values_fail_at_construction(make, field) -> None:
     (BadNets(position="middle"), "attack.position"),
     (BadNets(color=300), "attack.color"),
     (BadNets(pattern_file="/no/such/file.png"), "attack.pattern_file"),
+    (BadNets(pattern_file="no/such/relative.png"), "attack.pattern_file"),
     (Blended(pattern_file="/no/such/file.png"), "attack.pattern_file"),
     (BadNets(poison_rate=0.95), "attack.poison_rate"),
 ])

@@ -105,6 +105,15 @@ def test_every_option_composes(group: str) -> None:
         assert group in cfg or group in ("logger", "analysis")
 
 
+@pytest.mark.parametrize("group", ["attack", "defense"])
+def test_every_attack_and_defense_option_prepares(group: str) -> None:
+    """Every shipped attack and defense builds and validates against data (a typo in a config fails here)."""
+    for option in options(group):
+        cfg = compose_config([*TINY_RUN, "dataset.defense_fraction=0.3", f"{group}={option}"])
+        built = getattr(prepare(cfg), group)
+        assert f"{type(built).__module__}.{type(built).__name__}".endswith(cfg[group]._target_.split(".")[-1])
+
+
 @pytest.mark.parametrize("option", ["lenet", "resnet18", "preact_resnet18"])
 def test_models_instantiate_on_synthetic_rgb(option: str) -> None:
     cfg = compose_config([*TINY_RUN, "dataset.channels=3", "dataset.size=32", f"model={option}"])

@@ -9,7 +9,7 @@ import torch
 from bdlab.attacks.base import MaskPatternAttack
 from bdlab.attacks.patterns import load_pattern
 from bdlab.datasets.base import DatasetSplits
-from bdlab.errors import ConfigError
+from bdlab.errors import ConfigError, check_range
 
 _CORNERS = {"bottom_right", "bottom_left", "top_right", "top_left"}
 
@@ -24,15 +24,20 @@ class BadNets(MaskPatternAttack):
         margin: pixels left between the patch and the corner's borders (default 0; the
             "Why is your Trojan" paper leaves 3 for its 5x5 square).
         color: pixel value(s) in ``[0, 255]``, one per channel or one for all (default 255, white).
-        pattern_file: an image file used as the patch instead of a plain colour (its own size).
+        pattern_file: an image file used as the patch instead of a plain colour (its own size);
+            a relative path not found from the working directory is looked up under ``conf/``.
+        alpha: opacity of the patch in ``(0, 1]`` (default 1, opaque; see :class:`BlendedPatch`).
         poison_rate, target_class, seed: see :class:`~bdlab.attacks.base.Attack`.
     """
 
     name = "badnets"
 
     def __init__(self, patch_size: int | list[int] = 3, position: str | list[int] = "bottom_right", margin: int = 0,
-                 color: float | list[float] = 255, pattern_file: str | None = None, **kwargs: Any) -> None:
+                 color: float | list[float] = 255, pattern_file: str | None = None, alpha: float = 1.0,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        check_range("attack.alpha", alpha, 0.0, 1.0, low_open=True)
+        self.alpha = float(alpha)
         self.patch_size = [patch_size, patch_size] if isinstance(patch_size, int) else list(patch_size)
         self.position = position if isinstance(position, str) else list(position)
         self.margin = margin
@@ -77,6 +82,23 @@ class BadNets(MaskPatternAttack):
                               "image; move it or shrink it")
         self.origin = (row, col)
         self.mask = torch.zeros(1, ih, iw)
-        self.mask[:, row:row + ph, col:col + pw] = 1.0
+        self.mask[:, row:row + ph, col:col + pw] = self.alpha
         self.pattern = torch.zeros(channels, ih, iw)
         self.pattern[:, row:row + ph, col:col + pw] = patch
+
+
+class BlendedPatch(BadNets):
+    """The ShrinkPad paper's "Blended Attack" (Appendix B; Chen et al.'s blended strategy on a local
+    patch): BadNets' patch mixed in with opacity ``alpha``, ``x' = (1 - alpha) x + alpha patch`` inside
+    the patch's box (alpha in {0, 0.2} over the image, the paper's).
+
+    Defaults as in the paper's Tables 1-2: ``alpha`` 0.2, poisoning rate 0.2; the patch is
+    BadNets' (set ``pattern_file=experiment/checkerboard3.png`` for the paper's 3x3 black-white
+    square). Unlike :class:`~bdlab.attacks.blended.Blended`, the trigger stays local, so it moves
+    and shrinks with spatial transformations the way the paper studies.
+    """
+
+    name = "blended_patch"
+
+    def __init__(self, alpha: float = 0.2, poison_rate: float = 0.2, **kwargs: Any) -> None:
+        super().__init__(alpha=alpha, poison_rate=poison_rate, **kwargs)
