@@ -39,6 +39,30 @@ def test_spectral_signature_recovers_planted_outliers() -> None:
     assert roc_auc(scores[~is_poison], scores[is_poison]) > 0.99
 
 
+def test_spectral_signature_at_half_a_class_needs_the_clean_centre() -> None:
+    """Poison = half of class 0: the class mean sits between the clusters and Alg. 1 ranks at chance;
+    centring on held-out clean features of the class finds the poison."""
+    features, labels, is_poison = planted_features(planted=100)
+    generator = torch.Generator().manual_seed(3)
+    clean = (torch.randn(5 * 40, features.shape[1], generator=generator), torch.arange(5).repeat_interleave(40))
+    scores, _ = SpectralSignature(poison_fraction=0.5).detect(features, labels)
+    class_zero = labels == 0
+    assert abs(roc_auc(scores[class_zero & ~is_poison], scores[is_poison]) - 0.5) < 0.2
+    defense = SpectralSignature(poison_fraction=0.5, centre="clean_mean")
+    scores, flags = defense.detect(features, labels, clean)
+    assert roc_auc(scores[class_zero & ~is_poison], scores[is_poison]) > 0.99
+    assert flags[is_poison].all()  # 1.5 * 0.5 * 200 = 150 removed from class 0, the 100 planted first
+    with pytest.raises(ValueError, match="held-out clean"):
+        defense.detect(features, labels)
+
+
+def test_clean_centre_refuses_a_defense_split_missing_a_class() -> None:
+    data = make_splits(torch.zeros(20, 1, 4, 4, dtype=torch.uint8), torch.arange(20) % 2, num_classes=3)
+    with pytest.raises(ConfigError) as error:
+        SpectralSignature(retrain=False, centre="clean_mean").setup(data, NoAttack())
+    assert error.value.field == "defense.centre"
+
+
 def test_activation_clustering_flags_only_the_planted_cluster() -> None:
     features, labels, is_poison = planted_features()
     defense = ActivationClustering(silhouette_threshold=0.2)  # isotropic Gaussian classes split at ~0.08
@@ -88,11 +112,18 @@ def test_train_data_protocol_reports_against_the_true_flags_and_retrains(tmp_pat
     assert metrics["defense/cad"] == pytest.approx(80.0 - metrics["defense/acc"])
 
 
-def test_inference_mode_uses_the_input_filtering_protocol(tmp_path: Path) -> None:
+@pytest.mark.parametrize("centre", ["class_mean", "clean_mean"])
+def test_inference_mode_uses_the_input_filtering_protocol(tmp_path: Path, centre: str) -> None:
     context = pixel_feature_context(tmp_path, retrain=None)
-    metrics = SpectralSignature(mode="inference", poison_fraction=0.25).run(context)
+    metrics = SpectralSignature(mode="inference", poison_fraction=0.25, centre=centre).run(context)
     assert {"defense/tpr", "defense/fpr", "defense/roc_auc", "defense/threshold"} <= set(metrics)
     assert "defense/poison_tpr" not in metrics
+
+
+def test_clean_centre_in_the_train_data_protocol(tmp_path: Path) -> None:
+    context = pixel_feature_context(tmp_path, retrain=None)
+    metrics = SpectralSignature(poison_fraction=0.25, retrain=False, centre="clean_mean").run(context)
+    assert metrics["defense/poison_tpr"] == 100.0 and metrics["defense/poison_roc_auc"] > 0.9
 
 
 def test_retraining_without_a_poisoned_training_set_is_refused() -> None:
@@ -107,6 +138,7 @@ def test_retraining_without_a_poisoned_training_set_is_refused() -> None:
     (lambda: SpectralSignature(mode="online"), "defense.mode"),
     (lambda: SpectralSignature(fpr=0.0), "defense.fpr"),
     (lambda: SpectralSignature(poison_fraction=0.0), "defense.poison_fraction"),
+    (lambda: SpectralSignature(centre="median"), "defense.centre"),
     (lambda: ActivationClustering(criterion="gap"), "defense.criterion"),
     (lambda: ActivationClustering(dims=0), "defense.dims"),
 ])

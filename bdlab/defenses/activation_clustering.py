@@ -104,7 +104,8 @@ class ActivationClustering(DataFilteringDefense):
         by_size = small_share <= self.size_threshold
         return {"silhouette": by_silhouette, "size": by_size, "both": by_silhouette and by_size}[self.criterion]
 
-    def detect(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    def detect(self, features: Tensor, labels: Tensor,
+               clean: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         generator = torch.Generator().manual_seed(self.seed)
         scores = torch.zeros(len(labels), dtype=torch.float64)
         flags = torch.zeros(len(labels), dtype=torch.bool)

@@ -59,6 +59,8 @@ class DataFilteringDefense(InputFilteringDefense):
     """
 
     category = "data_filtering"
+    #: whether :meth:`detect` compares against held-out clean features (see :meth:`clean_reference`)
+    needs_clean_reference = False
 
     def __init__(self, mode: str = "train_data", retrain: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -74,12 +76,24 @@ class DataFilteringDefense(InputFilteringDefense):
                               "attack=none has none; pick an attack or set defense.retrain=false")
 
     @abstractmethod
-    def detect(self, features: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
-        """``(scores, flags)`` per sample: continuous suspicion and the algorithm's own removal decision."""
+    def detect(self, features: Tensor, labels: Tensor,
+               clean: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """``(scores, flags)`` per sample: continuous suspicion and the algorithm's own removal decision.
+
+        ``clean`` is ``(features, labels)`` of the held-out clean split, given when
+        :attr:`needs_clean_reference` is set."""
+
+    def clean_reference(self, context: RunContext) -> tuple[Tensor, Tensor] | None:
+        """Penultimate features and true labels of the held-out clean split (defense split), under
+        the trojaned model; None unless the detector asks for them."""
+        if not self.needs_clean_reference:
+            return None
+        features, _ = penultimate_features(context.trojan_model, context.data.defense.images)
+        return features, context.data.defense.labels
 
     def scores(self, context: RunContext, images: Tensor) -> Tensor:
         features, predictions = penultimate_features(context.trojan_model, images)
-        return self.detect(features, predictions)[0]
+        return self.detect(features, predictions, self.clean_reference(context))[0]
 
     def run(self, context: RunContext) -> dict[str, Any]:
         if self.mode == "inference":
@@ -91,7 +105,7 @@ class DataFilteringDefense(InputFilteringDefense):
         else:
             is_poison = train.is_poison
         features, _ = penultimate_features(context.trojan_model, train.images)
-        scores, flags = self.detect(features, train.labels)
+        scores, flags = self.detect(features, train.labels, self.clean_reference(context))
         metrics: dict[str, Any] = {
             "defense/poison_tpr": percent(flags[is_poison]),
             "defense/poison_fpr": percent(flags[~is_poison]),
