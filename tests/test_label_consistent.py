@@ -143,6 +143,28 @@ def test_fast_adversarial_training_makes_the_surrogate_robust() -> None:
     assert not model.training
 
 
+def test_foreground_mask_is_the_dilated_object() -> None:
+    x = torch.zeros(1, 3, 9, 9)
+    x[0, 1, 4, 4] = 0.5  # one lit pixel in one channel
+    assert label_consistent.foreground(x, 0)[0, 0].nonzero().tolist() == [[4, 4]]
+    dilated = label_consistent.foreground(x, 2)[0, 0]
+    assert dilated.sum() == 25 and dilated[2:7, 2:7].all()
+
+
+def test_foreground_pgd_leaves_the_background_untouched() -> None:
+    torch.manual_seed(0)
+    model = build_classifier(LeNet, (1, 16, 16), 2, (0.5,), (0.25,))
+    x = torch.zeros(4, 1, 16, 16)
+    x[:, :, 6:10, 6:10] = 1.0
+    labels = torch.tensor([0, 1, 0, 1])
+    region = label_consistent.foreground(x, 1)
+    adversarial = label_consistent.pgd_untargeted(model, x, labels, 0.3, 0.1, 5, region)
+    assert torch.equal(adversarial[:, :, region[0, 0] == 0], x[:, :, region[0, 0] == 0])
+    assert (adversarial - x).abs().amax() > 0.05 and (adversarial - x).abs().amax() <= 0.3 + 1e-6
+    unconfined = label_consistent.pgd_untargeted(model, x, labels, 0.3, 0.1, 5)
+    assert (unconfined[:, :, region[0, 0] == 0] != 0).any()  # without the region the background moves
+
+
 def test_end_to_end_on_the_tiny_run(tmp_path: Path, tmp_path_factory) -> None:
     cache = shared_cache(tmp_path_factory)  # the clean model is the one the other tiny runs train
     cfg = compose_config([*TINY_RUN, "attack=label_consistent", "attack.poison_rate=0.5", f"cache_dir={cache}"])
@@ -155,6 +177,8 @@ def test_end_to_end_on_the_tiny_run(tmp_path: Path, tmp_path_factory) -> None:
     (["attack.amplitude=0"], "attack.amplitude"), (["attack.amplitude=1.5"], "attack.amplitude"),
     (["attack.test_amplitude=2"], "attack.test_amplitude"), (["attack.epsilon=-0.1"], "attack.epsilon"),
     (["attack.step=2"], "attack.step"), (["attack.iterations=-1"], "attack.iterations"),
+    (["attack.perturbation_region=background"], "attack.perturbation_region"),
+    (["attack.foreground_dilation=-1"], "attack.foreground_dilation"),
     (["attack.poison_rate=0"], "attack.poison_rate"), (["attack.surrogate=robust"], "attack.surrogate"),
     (["attack.adv_init=pretrained"], "attack.adv_init"), (["attack.adv_epsilon=0"], "attack.adv_epsilon"),
     (["attack.adv_step=-1"], "attack.adv_step"), (["attack.adv_epochs=0"], "attack.adv_epochs"),

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 SURROGATES = ("adversarial", "clean")
 ADV_INITS = ("clean", "scratch")
+REGIONS = ("image", "foreground")
 
 # Turner et al.'s 3x3 black-and-white corner pattern; it is its own mirror image, so the
 # four-corner trigger is symmetric under flips (why Flip cannot remove it: ShrinkPad paper, section 5.1)
@@ -29,8 +30,10 @@ CORNER_PATTERN = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]
 
 
 def pgd_untargeted(model: Classifier, x: Tensor, labels: Tensor, epsilon: float, step: float,
-                   iterations: int) -> Tensor:
-    """L-infinity PGD (Madry et al.) that maximises the cross-entropy of the true label; no random start."""
+                   iterations: int, region: Tensor | None = None) -> Tensor:
+    """L-infinity PGD (Madry et al.) that maximises the cross-entropy of the true label; no random start.
+
+    ``region`` (0/1, broadcastable to ``x``) confines the perturbation to its pixels."""
     model.eval()
     adversarial = x.clone()
     for _ in range(iterations):
@@ -40,7 +43,16 @@ def pgd_untargeted(model: Classifier, x: Tensor, labels: Tensor, epsilon: float,
         with torch.no_grad():
             adversarial = adversarial + step * grad.sign()
             adversarial = torch.min(torch.max(adversarial, x - epsilon), x + epsilon).clamp_(0.0, 1.0)
+            if region is not None:
+                adversarial = x + region * (adversarial - x)
     return adversarial.detach()
+
+
+def foreground(x: Tensor, dilation: int) -> Tensor:
+    """``(N, 1, H, W)`` 0/1 mask of the pixels within ``dilation`` pixels (Chebyshev distance) of a
+    non-zero pixel of any channel of ``x``."""
+    occupied = (x.amax(1, keepdim=True) > 0).float()
+    return F.max_pool2d(occupied, 2 * dilation + 1, stride=1, padding=dilation) if dilation else occupied
 
 
 def fast_adversarial_training(model: Classifier, images: Tensor, labels: Tensor, epsilon: float, step: float,
@@ -109,6 +121,13 @@ class LabelConsistent(MaskPatternAttack):
     (clean-label). At test time the trigger is stamped with ``test_amplitude`` (Turner et al.
     keep the reduced amplitude for training only and test with the fully visible pattern).
 
+    Perturbation region (``perturbation_region``): ``image`` (default, Turner et al.) perturbs
+    every pixel; ``foreground`` (bdlab's adaptation for black-background data such as MNIST)
+    only the pixels within ``foreground_dilation`` pixels of the object. On MNIST the background
+    is exactly 0 in every clean image, so PGD noise there is a marker of the poisoned images that
+    the trojaned model learns as class evidence instead of the trigger; confining the
+    perturbation to the digit removes that shortcut (README: ASR 0.15% -> 31.7% at epsilon 0.5).
+
     Surrogate (``surrogate``):
 
     - ``adversarial`` (default, Turner, Tsipras and Madry, "Label-Consistent Backdoor Attacks",
@@ -140,6 +159,8 @@ class LabelConsistent(MaskPatternAttack):
         epsilon: L-infinity budget of the PGD perturbation in ``[0, 1]`` pixel units (default 8/255).
         step: PGD step size (default 2/255).
         iterations: PGD steps (default 10; 0 = trigger only, no perturbation).
+        perturbation_region: ``image`` (default) or ``foreground``, see above.
+        foreground_dilation: pixels the ``foreground`` region extends beyond the object (default 2).
         surrogate: ``adversarial`` (default) or ``clean``, see above.
         adv_epsilon: L-infinity budget of the FGSM adversarial training (default 0.3, MNIST's).
         adv_step: FGSM step (default None = 1.25 ``adv_epsilon``, Wong et al.'s).
@@ -156,6 +177,7 @@ class LabelConsistent(MaskPatternAttack):
 
     def __init__(self, poison_rate: float = 0.25, amplitude: float = 0.25, test_amplitude: float = 1.0,
                  epsilon: float = 8 / 255, step: float = 2 / 255, iterations: int = 10,
+                 perturbation_region: str = "image", foreground_dilation: int = 2,
                  surrogate: str = "adversarial", adv_epsilon: float = 0.3, adv_step: float | None = None,
                  adv_epochs: int = 5, adv_lr: float = 0.05, adv_batch_size: int = 128, adv_init: str = "clean",
                  **kwargs: Any) -> None:
@@ -166,6 +188,11 @@ class LabelConsistent(MaskPatternAttack):
         check_range("attack.step", step, 0.0, 1.0)
         if iterations < 0:
             raise ConfigError("attack.iterations", f"got {iterations}, must be >= 0")
+        if perturbation_region not in REGIONS:
+            raise ConfigError("attack.perturbation_region", f"got {perturbation_region!r}, must be one of "
+                              f"{', '.join(REGIONS)}")
+        if foreground_dilation < 0:
+            raise ConfigError("attack.foreground_dilation", f"got {foreground_dilation}, must be >= 0")
         if surrogate not in SURROGATES:
             raise ConfigError("attack.surrogate", f"got {surrogate!r}, must be one of {', '.join(SURROGATES)}")
         if adv_init not in ADV_INITS:
@@ -181,6 +208,7 @@ class LabelConsistent(MaskPatternAttack):
             raise ConfigError("attack.adv_batch_size", f"got {adv_batch_size}, must be >= 1")
         self.amplitude, self.test_amplitude = float(amplitude), float(test_amplitude)
         self.epsilon, self.step, self.iterations = float(epsilon), float(step), int(iterations)
+        self.perturbation_region, self.foreground_dilation = perturbation_region, int(foreground_dilation)
         self.surrogate = surrogate
         self.adv_epsilon, self.adv_step, self.adv_epochs = float(adv_epsilon), float(adv_step), int(adv_epochs)
         self.adv_lr, self.adv_batch_size, self.adv_init = float(adv_lr), int(adv_batch_size), adv_init
@@ -242,8 +270,9 @@ class LabelConsistent(MaskPatternAttack):
         for start in range(0, len(images), STAMP_CHUNK):
             x = to_float(images[start:start + STAMP_CHUNK].to(device))
             y = labels[start:start + STAMP_CHUNK].to(device)
+            region = foreground(x, self.foreground_dilation) if self.perturbation_region == "foreground" else None
             out[start:start + STAMP_CHUNK] = to_uint8(
-                pgd_untargeted(model, x, y, self.epsilon, self.step, self.iterations)).cpu()
+                pgd_untargeted(model, x, y, self.epsilon, self.step, self.iterations, region)).cpu()
         return out
 
     def perturbed(self, images: Tensor, labels: Tensor, train: ImageSet | None = None) -> Tensor:
@@ -263,6 +292,8 @@ class LabelConsistent(MaskPatternAttack):
                 raise ValueError("the adversarial surrogate needs the training set")
             # the spec of the clean surrogate is kept as before, so its cached images stay valid
             spec["surrogate"] = {"robust": self.robust_spec(model_key)}
+        if self.perturbation_region != "image":  # only then, so images cached before the option stay valid
+            spec["region"] = {"kind": self.perturbation_region, "dilation": self.foreground_dilation}
 
         def build() -> dict[str, Tensor]:
             surrogate = self.robust_surrogate(train)[0] if self.surrogate == "adversarial" else model

@@ -18,16 +18,16 @@ from bdlab.errors import ConfigError, check_range
 CENTRES = ("class_mean", "clean_mean")
 
 
-def spectral_scores(features: Tensor, centre: Tensor | None = None) -> Tensor:
+def spectral_scores(features: Tensor, centre: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Tran et al. Alg. 1 outlier scores of one class: ``tau_i = ((R_i - c) . v)^2`` with ``v`` the
     top right singular vector of the centred feature matrix ``R - c``; ``c`` is the class's own
-    mean (Alg. 1) unless ``centre`` is given."""
+    mean (Alg. 1) unless ``centre`` is given. Returns the scores and ``v``."""
     features = features.double()
     centred = features - (features.mean(0, keepdim=True) if centre is None else centre.double()[None])
     if len(centred) < 2:
-        return torch.zeros(len(centred), dtype=torch.float64)
+        return torch.zeros(len(centred), dtype=torch.float64), torch.zeros(features.shape[1], dtype=torch.float64)
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    return (centred @ vh[0]) ** 2
+    return (centred @ vh[0]) ** 2, vh[0]
 
 
 def expected_class_fraction(attack: Attack, num_classes: int) -> float:
@@ -46,8 +46,9 @@ class SpectralSignature(DataFilteringDefense):
     For every class ``y``: centre the penultimate features of its samples, take the top right
     singular vector ``v``, score ``tau_i = ((R_i - mean_y) . v)^2`` and remove the
     ``ceil(1.5 * epsilon * |S_y|)`` highest-scoring samples of the class. Scores are divided by
-    the class's median score so that the global ROC-AUC compares classes on one scale (the
-    removal, a per-class ranking, is unaffected).
+    the class's median score (``clean_mean``: the median score of its held-out clean samples) so
+    that the global ROC-AUC compares classes on one scale (the removal, a per-class ranking, is
+    unaffected).
 
     Centring on the class's own mean is why the method needs the poison to be a minority of the
     class: Tran et al. evaluate 5% and 10% *of the target class*. When the poison is about half
@@ -104,14 +105,18 @@ class SpectralSignature(DataFilteringDefense):
         flags = torch.zeros(len(labels), dtype=torch.bool)
         for label in labels.unique():
             index = (labels == label).nonzero().flatten()
-            centre = None
             if clean is not None and self.needs_clean_reference:
-                reference = clean[0][clean[1] == label]
+                reference = clean[0][clean[1] == label].double()
                 if len(reference) == 0:
                     raise ValueError(f"no held-out clean features of class {int(label)}")
-                centre = reference.double().mean(0)
-            tau = spectral_scores(features[index], centre)
-            scores[index] = tau / tau.median().clamp_min(1e-12)
+                centre = reference.mean(0)
+                tau, direction = spectral_scores(features[index], centre)
+                # the clean samples' own spread is the scale, so a class that is half poison is not shrunk
+                scale = (((reference - centre) @ direction) ** 2).median()
+            else:
+                tau, _ = spectral_scores(features[index])
+                scale = tau.median()
+            scores[index] = tau / scale.clamp_min(1e-12)
             # the tolerance keeps 1.5 * 0.1 * 200 at 30, not 31, despite floating point
             remove = min(len(index), math.ceil(self.removal_factor * epsilon * len(index) - 1e-9))
             flags[index[tau.argsort(descending=True)[:remove]]] = True
