@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from bdlab.attacks.base import NoAttack
 from bdlab.attacks.badnets import BadNets
+from bdlab.attacks.base import NoAttack
 from bdlab.context import RunContext
 from bdlab.defenses.activation_clustering import ActivationClustering, kmeans2, silhouette
 from bdlab.defenses.filtering import roc_auc

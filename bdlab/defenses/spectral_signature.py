@@ -14,7 +14,6 @@ from bdlab.datasets.base import DatasetSplits
 from bdlab.defenses.data_filtering import DataFilteringDefense
 from bdlab.errors import ConfigError, check_range
 
-
 CENTRES = ("class_mean", "clean_mean")
 
 
@@ -81,7 +80,10 @@ class SpectralSignature(DataFilteringDefense):
             raise ConfigError("defense.centre", f"got {centre!r}, must be one of {', '.join(CENTRES)}")
         self.poison_fraction, self.removal_factor, self.centre = poison_fraction, removal_factor, centre
         self.epsilon = poison_fraction
-        self.needs_clean_reference = centre == "clean_mean"
+
+    @property
+    def needs_clean_reference(self) -> bool:  # type: ignore[override]
+        return self.centre == "clean_mean"
 
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
         super().setup(data, attack)
