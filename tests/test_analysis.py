@@ -73,14 +73,18 @@ def test_experiments_compose(experiment: str) -> None:
 
 @pytest.mark.slow
 def test_why_is_your_trojan_badnets_curves_on_mnist(tmp_path: Path) -> None:
-    """"Why is your Trojan" Fig. 3 for BadNets (5x5 white square, margin 3) on MNIST / LeNet."""
-    cfg = compose_config(["+experiment=trojan_transforms_badnets", "logger=none", f"cache_dir={tmp_path}"])
-    metrics = execute(prepare(cfg), cfg.cache_dir, tmp_path / "run", [])["metrics"]
-    translate = [metrics[f"analysis/trigger_transform/translate_{r}/asr"] for r in (1, 2, 3)]
-    assert translate[0] >= translate[1] >= translate[2]
-    rotate = {a: metrics[f"analysis/trigger_transform/rotate_{a}/asr"] for a in (0, 15, 30, 45, 60, 75, 90)}
-    # measured: 100/100/86.9/88.7/88.9/100/100: symmetric about 45 and lowest in the 30-60 band
-    # (nearest-neighbour rounding puts the single minimum at 30, 1.8 points under 45; see README)
-    assert rotate[45] <= min(rotate[0], rotate[90], rotate[15], rotate[75])
+    """"Why is your Trojan" Fig. 3 for BadNets (5x5 white square, margin 3) on MNIST / LeNet, seeds 0-2."""
+    angles = (0, 15, 30, 45, 60, 75, 90)
+    mean_rotation = dict.fromkeys(angles, 0.0)
+    for seed in (0, 1, 2):
+        cfg = compose_config(["+experiment=trojan_transforms_badnets", "analysis=trigger_transform", "logger=none",
+                              f"seed={seed}", f"cache_dir={tmp_path}"])
+        metrics = execute(prepare(cfg), cfg.cache_dir, tmp_path / f"run{seed}", [])["metrics"]
+        translate = [metrics[f"analysis/trigger_transform/translate_{r}/asr"] for r in (1, 2, 3)]
+        assert translate[0] >= translate[1] >= translate[2]
+        for angle in angles:
+            mean_rotation[angle] += metrics[f"analysis/trigger_transform/rotate_{angle}/asr"] / 3
+    # measured (README): 100/100/94.5/91.6/94.5/100/100, lowest at 45 in every seed
+    assert mean_rotation[45] == min(mean_rotation.values())
     for low, high in ((0, 90), (15, 75), (30, 60)):
-        assert abs(rotate[low] - rotate[high]) < 5
+        assert abs(mean_rotation[low] - mean_rotation[high]) < 3
