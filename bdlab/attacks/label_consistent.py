@@ -126,7 +126,7 @@ class LabelConsistent(MaskPatternAttack):
     only the pixels within ``foreground_dilation`` pixels of the object. On MNIST the background
     is exactly 0 in every clean image, so PGD noise there is a marker of the poisoned images that
     the trojaned model learns as class evidence instead of the trigger; confining the
-    perturbation to the digit removes that shortcut (README: ASR 0.15% -> 31.7% at epsilon 0.5).
+    perturbation to the digit removes that shortcut (README: ASR 0.15% -> 29.9% at epsilon 0.5).
 
     Surrogate (``surrogate``):
 
