@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bdlab.attacks import label_consistent
-from bdlab.attacks.label_consistent import LabelConsistent, fast_adversarial_training
+from bdlab.attacks.adversarial import fast_adversarial_training, foreground, pgd_untargeted
+from bdlab.attacks.label_consistent import LabelConsistent
 from bdlab.cache import ArtifactCache
 from bdlab.compose import compose_config
 from bdlab.errors import ConfigError
@@ -137,7 +138,7 @@ def test_fast_adversarial_training_makes_the_surrogate_robust() -> None:
     fast_adversarial_training(model, images, labels, epsilon=0.1, step=0.125, epochs=4, lr=0.05, batch_size=64,
                               seed=0)
     x = images.float() / 255
-    adversarial = label_consistent.pgd_untargeted(model, x, labels, 0.1, 0.025, 10)
+    adversarial = pgd_untargeted(model, x, labels, 0.1, 0.025, 10)
     with torch.no_grad():
         assert (model(adversarial).argmax(1) == labels).float().mean() > 0.9
     assert not model.training
@@ -146,8 +147,8 @@ def test_fast_adversarial_training_makes_the_surrogate_robust() -> None:
 def test_foreground_mask_is_the_dilated_object() -> None:
     x = torch.zeros(1, 3, 9, 9)
     x[0, 1, 4, 4] = 0.5  # one lit pixel in one channel
-    assert label_consistent.foreground(x, 0)[0, 0].nonzero().tolist() == [[4, 4]]
-    dilated = label_consistent.foreground(x, 2)[0, 0]
+    assert foreground(x, 0)[0, 0].nonzero().tolist() == [[4, 4]]
+    dilated = foreground(x, 2)[0, 0]
     assert dilated.sum() == 25 and dilated[2:7, 2:7].all()
 
 
@@ -157,11 +158,11 @@ def test_foreground_pgd_leaves_the_background_untouched() -> None:
     x = torch.zeros(4, 1, 16, 16)
     x[:, :, 6:10, 6:10] = 1.0
     labels = torch.tensor([0, 1, 0, 1])
-    region = label_consistent.foreground(x, 1)
-    adversarial = label_consistent.pgd_untargeted(model, x, labels, 0.3, 0.1, 5, region)
+    region = foreground(x, 1)
+    adversarial = pgd_untargeted(model, x, labels, 0.3, 0.1, 5, region)
     assert torch.equal(adversarial[:, :, region[0, 0] == 0], x[:, :, region[0, 0] == 0])
     assert (adversarial - x).abs().amax() > 0.05 and (adversarial - x).abs().amax() <= 0.3 + 1e-6
-    unconfined = label_consistent.pgd_untargeted(model, x, labels, 0.3, 0.1, 5)
+    unconfined = pgd_untargeted(model, x, labels, 0.3, 0.1, 5)
     assert (unconfined[:, :, region[0, 0] == 0] != 0).any()  # without the region the background moves
 
 
