@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -106,8 +107,14 @@ def test_wandb_run_carries_names_params_group_and_trigger_media(tmp_path: Path) 
     cfg = compose_config([*TINY_RUN, "logger=wandb", "trainer.max_epochs=1"])
     run_experiment(cfg, tmp_path, group="quick/2026-01-01_00-00-00")
     (run_dir,) = (tmp_path / "wandb").glob("offline-run-*")
-    # an offline run keeps config, group and history in its .wandb record file until `wandb sync`
-    records = next(run_dir.glob("*.wandb")).read_bytes()
+    # an offline run keeps config, group and history in its .wandb record file until `wandb sync`;
+    # W&B's service process writes that file and may still be flushing it when finish() returns
+    record_file = next(run_dir.glob("*.wandb"))
+    deadline = time.monotonic() + 60
+    records = record_file.read_bytes()
+    while b"trojan/asr" not in records and time.monotonic() < deadline:
+        time.sleep(0.5)
+        records = record_file.read_bytes()
     for key, value in [("attack", "badnets"), ("defense", "none"), ("dataset", "synthetic"), ("model", "lenet")]:
         assert f'{key}'.encode() in records and f'"{value}"'.encode() in records
     assert b"attack_params" in records and b"poison_rate" in records and b"trojan/asr" in records
