@@ -11,6 +11,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -53,9 +54,10 @@ class Experiment:
     device: torch.device
     timings: dict[str, float] = field(default_factory=dict)
 
-    def new_model(self) -> Classifier:
-        """A freshly initialised classifier; seeded so the clean and trojaned models start identical."""
-        pl.seed_everything(int(self.cfg.seed), verbose=False)
+    def new_model(self, seed: int | None = None) -> Classifier:
+        """A freshly initialised classifier; seeded (by the run's seed unless ``seed`` is given) so the
+        clean and trojaned models start identical."""
+        pl.seed_everything(int(self.cfg.seed) if seed is None else seed, verbose=False)
         return build_classifier(build(self.cfg.model.net), self.data.input_shape, self.data.num_classes,
                                 self.data.mean, self.data.std)
 
@@ -118,15 +120,17 @@ def trained_model(experiment: Experiment, cache: ArtifactCache, kind: str, spec:
     """The model for ``spec`` from the cache, or trained on ``train`` and stored.
 
     ``attack`` (for trojaned models) may change training through its ``train_transform``,
-    applied after the dataset's augmentation.
+    applied after the dataset's augmentation. The model is initialised and trained with
+    ``spec["seed"]``.
     """
-    model = experiment.new_model()
+    seed = int(spec["seed"])
+    model = experiment.new_model(seed)
     augment = TrainAugment(experiment.data.crop_padding, experiment.data.hflip)
     transform = augment if attack is None else (lambda x: attack.train_transform(augment(x)))
 
     def train_state() -> dict[str, torch.Tensor]:
         started = time.perf_counter()
-        fit_classifier(model, train, experiment.cfg, train_transform=transform, loggers=loggers, name=kind)
+        fit_classifier(model, train, experiment.cfg, train_transform=transform, loggers=loggers, name=kind, seed=seed)
         experiment.timings[f"{kind}_train_s"] = time.perf_counter() - started
         return model.state_dict()
 
@@ -148,6 +152,23 @@ def attack_metrics(model: Classifier, data: DatasetSplits, attack: Attack,
     return metrics
 
 
+def clean_model_trainer(experiment: Experiment, cache: ArtifactCache,
+                        loggers: list[Logger]) -> Callable[[int], tuple[Classifier, str]]:
+    """``seed -> (clean model, cache key)``: the clean model of the run's data and recipe trained
+    with another seed (from the cache, or trained and stored), for surrogate ensembles."""
+    def clean_model(seed: int) -> tuple[Classifier, str]:
+        spec = {**model_spec(experiment.cfg, with_attack=False), "seed": int(seed)}
+        return trained_model(experiment, cache, "clean", spec, experiment.data.train, loggers)[0], spec_hash(spec)
+    return clean_model
+
+
+def hand_clean_model(experiment: Experiment, cache: ArtifactCache, clean_model: Classifier,
+                     clean_spec: dict[str, Any], loggers: list[Logger]) -> None:
+    """Give the attack the clean reference model, its key and the trainer of other-seed clean models."""
+    experiment.attack.use_clean_model(clean_model, cache, spec_hash(clean_spec),
+                                      clean_model_trainer(experiment, cache, loggers))
+
+
 def poisoned_training_set(experiment: Experiment, cache_dir: str | Path) -> PoisonedSet:
     """The training set the attacker hands over, outside a full run (export, benchmarks).
 
@@ -158,7 +179,7 @@ def poisoned_training_set(experiment: Experiment, cache_dir: str | Path) -> Pois
         cache = ArtifactCache(cache_dir)
         clean_spec = model_spec(experiment.cfg, with_attack=False)
         clean_model, _ = trained_model(experiment, cache, "clean", clean_spec, experiment.data.train, [])
-        experiment.attack.use_clean_model(clean_model, cache, spec_hash(clean_spec))
+        hand_clean_model(experiment, cache, clean_model, clean_spec, [])
     return experiment.attack.poison_train(experiment.data.train, experiment.device)
 
 
@@ -177,7 +198,7 @@ def execute(experiment: Experiment, cache_dir: str | Path, output_dir: Path,
         trojan_model = clean_model
     else:
         started = time.perf_counter()
-        attack.use_clean_model(clean_model, cache, spec_hash(clean_spec))
+        hand_clean_model(experiment, cache, clean_model, clean_spec, loggers)
         poisoned_train = attack.poison_train(data.train, experiment.device)
         poisoned_test = attack.poison_test(data.test, experiment.device)
         experiment.timings["poison_s"] = time.perf_counter() - started

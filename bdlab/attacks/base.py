@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -94,10 +95,12 @@ class Attack(ABC):
             return x
         return random_shrink_pad(random_flip(x), self.enhance_max_shrink)
 
-    def use_clean_model(self, model: Classifier, cache: ArtifactCache, model_key: str) -> None:
+    def use_clean_model(self, model: Classifier, cache: ArtifactCache, model_key: str,
+                        other_seed: Callable[[int], tuple[Classifier, str]] | None = None) -> None:
         """Called by the pipeline before poisoning with the clean reference model (same data, recipe
-        and seed), the artifact cache and that model's cache key. Attacks that craft their poisons
-        on a clean surrogate (label-consistent) keep them; the others ignore the call."""
+        and seed), the artifact cache, that model's cache key and ``other_seed``: ``seed -> (clean
+        model trained with that seed, its key)``, trained on first use and cached. Attacks that craft
+        their poisons on clean surrogates (label-consistent) keep them; the others ignore the call."""
 
     @property
     def trigger_mask(self) -> Tensor | None:

@@ -26,10 +26,10 @@ def make_trainer(trainer_cfg: DictConfig, loggers: list[Logger] | bool = False, 
 
 
 def fit_classifier(model: Classifier, train: ImageSet, cfg: DictConfig, train_transform: BatchTransform | None = None,
-                   loggers: list[Logger] | bool = False, name: str = "model") -> Classifier:
+                   loggers: list[Logger] | bool = False, name: str = "model", seed: int | None = None) -> Classifier:
     """Train ``model`` in place on ``train`` with the run's recipe (``optimizer``, ``scheduler``,
-    ``model.batch_size``, ``trainer``, ``seed``)."""
-    seed = int(cfg.seed)
+    ``model.batch_size``, ``trainer``, ``seed``); ``seed`` overrides the run's (batch order, augmentation)."""
+    seed = int(cfg.seed) if seed is None else int(seed)
     pl.seed_everything(seed, workers=True, verbose=False)
     batches = TensorBatches(train.images, train.labels, int(cfg.model.batch_size), shuffle=True, seed=seed)
     module = VictimModule(model, batches, optimizer=instantiate(cfg.optimizer),
