@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from bdlab.attacks import label_consistent
-from bdlab.attacks.adversarial import fast_adversarial_training, foreground, pgd_untargeted
+from bdlab.attacks.adversarial import LogitEnsemble, fast_adversarial_training, foreground, pgd_untargeted
 from bdlab.attacks.label_consistent import LabelConsistent
 from bdlab.cache import ArtifactCache
 from bdlab.compose import compose_config
 from bdlab.errors import ConfigError
 from bdlab.models import LeNet
 from bdlab.models.classifier import build_classifier
-from bdlab.pipeline import execute, prepare
+from bdlab.pipeline import clean_model_trainer, execute, prepare
 from tests.conftest import TINY_RUN, make_splits
 from tests.test_transforms import shared_cache
 
@@ -166,6 +166,69 @@ def test_foreground_pgd_leaves_the_background_untouched() -> None:
     assert (unconfined[:, :, region[0, 0] == 0] != 0).any()  # without the region the background moves
 
 
+def test_logit_ensemble_is_the_mean_of_its_members_logits() -> None:
+    torch.manual_seed(0)
+    members = [build_classifier(LeNet, (1, 16, 16), 4, (0.5,), (0.25,)) for _ in range(3)]
+    x = torch.rand(5, 1, 16, 16)
+    with torch.no_grad():
+        expected = sum(member(x) for member in members) / 3
+        assert torch.allclose(LogitEnsemble(members)(x), expected, atol=1e-6)
+    with pytest.raises(ValueError):
+        LogitEnsemble([])
+
+
+def test_ensemble_surrogate_attacks_the_reference_and_other_seed_models(tmp_path: Path) -> None:
+    data = handmade()
+    requested: list[int] = []
+
+    def other_seed(seed: int):
+        requested.append(seed)
+        torch.manual_seed(seed)
+        return build_classifier(LeNet, (1, 16, 16), 4, (0.5,), (0.25,)), f"key-{seed}"
+
+    settings = dict(epsilon=0.1, step=0.02, iterations=5, target_class=1, surrogate="ensemble", ensemble_size=3,
+                    seed=4)
+    attack = LabelConsistent(**settings)
+    attack.setup(data)
+    cache = ArtifactCache(tmp_path)
+    attack.use_clean_model(surrogate(), cache, "key")
+    with pytest.raises(RuntimeError):  # no way to get the other members
+        attack.poison_train(data.train)
+    attack.use_clean_model(surrogate(), cache, "key", other_seed)
+    ensemble, keys = attack.ensemble_surrogate()
+    assert requested == [5, 6] and keys == ["key", "key-5", "key-6"] and len(ensemble.members) == 3
+    poisoned = attack.poison_train(data.train)
+    index = poisoned.is_poison
+    x = data.train.images[index].float() / 255
+    expected = (pgd_untargeted(ensemble, x, data.train.labels[index], 0.1, 0.02, 5) * 255).round() / 255  # cached uint8
+    m = 0.25 * attack.trigger_mask.float()
+    assert (poisoned.images[index].float() - (expected * (1 - m) + m * attack.pattern) * 255).abs().max() <= 0.5001
+    # one model is the clean surrogate: different perturbations, cached apart
+    single = LabelConsistent(**{**settings, "ensemble_size": 1})
+    single.setup(data)
+    single.use_clean_model(surrogate(), cache, "key")
+    assert not torch.equal(single.poison_train(data.train).images, poisoned.images)
+    assert len(list((tmp_path / "poisoned" / "label_consistent").glob("*/tensors.safetensors"))) == 2
+
+
+def test_pipeline_trains_and_caches_the_other_seed_clean_models(tmp_path: Path, tmp_path_factory) -> None:
+    cache = shared_cache(tmp_path_factory)
+    overrides = [*TINY_RUN, "attack=label_consistent", "attack.poison_rate=0.5", "attack.surrogate=ensemble",
+                 "attack.ensemble_size=2", "attack.iterations=3", f"cache_dir={cache}"]
+    cfg = compose_config(overrides)
+    metrics = execute(prepare(cfg), cfg.cache_dir, tmp_path / "run", [])["metrics"]
+    assert metrics["trojan/acc"] > 80
+    clean_models = set((cache / "models" / "clean").glob("*/tensors.safetensors"))
+    assert len(clean_models) >= 2  # the reference and the seed-1 model
+    experiment = prepare(compose_config(overrides))
+    trainer = clean_model_trainer(experiment, ArtifactCache(cache), [])
+    seed1, key1 = trainer(1)
+    seed0, key0 = trainer(0)
+    # both come from the cache (nothing new is trained) and are different models
+    assert key0 != key1 and set((cache / "models" / "clean").glob("*/tensors.safetensors")) == clean_models
+    assert not torch.equal(seed0.state_dict()["net.head.weight"], seed1.state_dict()["net.head.weight"])
+
+
 def test_end_to_end_on_the_tiny_run(tmp_path: Path, tmp_path_factory) -> None:
     cache = shared_cache(tmp_path_factory)  # the clean model is the one the other tiny runs train
     cfg = compose_config([*TINY_RUN, "attack=label_consistent", "attack.poison_rate=0.5", f"cache_dir={cache}"])
@@ -181,6 +244,7 @@ def test_end_to_end_on_the_tiny_run(tmp_path: Path, tmp_path_factory) -> None:
     (["attack.perturbation_region=background"], "attack.perturbation_region"),
     (["attack.foreground_dilation=-1"], "attack.foreground_dilation"),
     (["attack.poison_rate=0"], "attack.poison_rate"), (["attack.surrogate=robust"], "attack.surrogate"),
+    (["attack.ensemble_size=0"], "attack.ensemble_size"),
     (["attack.adv_init=pretrained"], "attack.adv_init"), (["attack.adv_epsilon=0"], "attack.adv_epsilon"),
     (["attack.adv_step=-1"], "attack.adv_step"), (["attack.adv_epochs=0"], "attack.adv_epochs"),
     (["attack.adv_lr=0"], "attack.adv_lr"), (["attack.adv_batch_size=0"], "attack.adv_batch_size"),

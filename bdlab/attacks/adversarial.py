@@ -1,6 +1,6 @@
 """Adversarial-example tools the label-consistent attack builds on: L-infinity PGD (Madry et al.,
-ICLR 2018), an object mask to confine it, and fast FGSM adversarial training of a robust
-surrogate (Wong, Rice and Kolter, ICLR 2020)."""
+ICLR 2018), an object mask to confine it, a logit ensemble of surrogates, and fast FGSM
+adversarial training of a robust surrogate (Wong, Rice and Kolter, ICLR 2020)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,24 @@ from bdlab.models.classifier import Classifier
 log = logging.getLogger(__name__)
 
 
-def pgd_untargeted(model: Classifier, x: Tensor, labels: Tensor, epsilon: float, step: float,
+class LogitEnsemble(nn.Module):
+    """The mean logits of several classifiers (Dong et al., "Boosting Adversarial Attacks with
+    Momentum", CVPR 2018, section 3.2: ensemble in logits, equal weights).
+
+    PGD on the ensemble must fool every member at once, so its perturbations transfer better
+    to a model none of them is (their Table 3; Liu et al., ICLR 2017, make the same point)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([member(x) for member in self.members]).mean(0)
+
+
+def pgd_untargeted(model: nn.Module, x: Tensor, labels: Tensor, epsilon: float, step: float,
                    iterations: int, region: Tensor | None = None) -> Tensor:
     """L-infinity PGD (Madry et al.) that maximises the cross-entropy of the true label; no random start.
 

@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from bdlab.attacks.adversarial import fast_adversarial_training, foreground, pgd_untargeted, reset_parameters
+from bdlab.attacks.adversarial import (LogitEnsemble, fast_adversarial_training, foreground, pgd_untargeted,
+                                       reset_parameters)
 from bdlab.attacks.base import STAMP_CHUNK, MaskPatternAttack, PoisonedSet
 from bdlab.cache import ArtifactCache, spec_hash
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float, to_uint8
@@ -19,7 +21,7 @@ from bdlab.models.classifier import Classifier
 
 log = logging.getLogger(__name__)
 
-SURROGATES = ("adversarial", "clean")
+SURROGATES = ("adversarial", "clean", "ensemble")
 ADV_INITS = ("clean", "scratch")
 REGIONS = ("image", "foreground")
 
@@ -64,6 +66,14 @@ class LabelConsistent(MaskPatternAttack):
     - ``clean``: the run's standard clean reference model itself. Known limitation: on MNIST /
       LeNet (epsilon 0.3, 20 steps) the trojaned model learns these non-robust perturbations as
       class evidence (99.6% on the perturbed images) and ignores the trigger: ASR 0.15% (README).
+    - ``ensemble`` (bdlab's transfer-oriented variant): the mean logits of ``ensemble_size``
+      clean models of the run's data and recipe, the reference model and ones trained with
+      seeds ``seed + 1``, ... (cached as clean models), attacked together
+      (:class:`~bdlab.attacks.adversarial.LogitEnsemble`). A perturbation that fools all of
+      them is read as another class's evidence by the trojaned model too, so it must rely on
+      the trigger. On MNIST / LeNet with foreground PGD at epsilon 0.5 it lifts ASR from 31.7%
+      (one model) to 66.6% (eight), and to >= 80% with the training amplitude halved
+      (``experiment=label_consistent_mnist``, README).
 
     The clean model (same data, recipe and seed) is handed over by the pipeline through
     :meth:`use_clean_model`; the perturbed images are computed once and kept as uint8 in the
@@ -78,7 +88,8 @@ class LabelConsistent(MaskPatternAttack):
         iterations: PGD steps (default 10; 0 = trigger only, no perturbation).
         perturbation_region: ``image`` (default) or ``foreground``, see above.
         foreground_dilation: pixels the ``foreground`` region extends beyond the object (default 2).
-        surrogate: ``adversarial`` (default) or ``clean``, see above.
+        surrogate: ``adversarial`` (default), ``clean`` or ``ensemble``, see above.
+        ensemble_size: clean models in the ``ensemble`` surrogate (default 8).
         adv_epsilon: L-infinity budget of the FGSM adversarial training (default 0.3, MNIST's).
         adv_step: FGSM step (default None = 1.25 ``adv_epsilon``, Wong et al.'s).
         adv_epochs: adversarial-training epochs (default 5).
@@ -95,7 +106,7 @@ class LabelConsistent(MaskPatternAttack):
     def __init__(self, poison_rate: float = 0.25, amplitude: float = 0.25, test_amplitude: float = 1.0,
                  epsilon: float = 8 / 255, step: float = 2 / 255, iterations: int = 10,
                  perturbation_region: str = "image", foreground_dilation: int = 2,
-                 surrogate: str = "adversarial", adv_epsilon: float = 0.3, adv_step: float | None = None,
+                 surrogate: str = "adversarial", ensemble_size: int = 8, adv_epsilon: float = 0.3, adv_step: float | None = None,
                  adv_epochs: int = 5, adv_lr: float = 0.05, adv_batch_size: int = 128, adv_init: str = "clean",
                  **kwargs: Any) -> None:
         super().__init__(poison_rate=poison_rate, **kwargs)
@@ -112,6 +123,8 @@ class LabelConsistent(MaskPatternAttack):
             raise ConfigError("attack.foreground_dilation", f"got {foreground_dilation}, must be >= 0")
         if surrogate not in SURROGATES:
             raise ConfigError("attack.surrogate", f"got {surrogate!r}, must be one of {', '.join(SURROGATES)}")
+        if ensemble_size < 1:
+            raise ConfigError("attack.ensemble_size", f"got {ensemble_size}, must be >= 1")
         if adv_init not in ADV_INITS:
             raise ConfigError("attack.adv_init", f"got {adv_init!r}, must be one of {', '.join(ADV_INITS)}")
         check_range("attack.adv_epsilon", adv_epsilon, 0.0, 1.0, low_open=True)
@@ -126,10 +139,11 @@ class LabelConsistent(MaskPatternAttack):
         self.amplitude, self.test_amplitude = float(amplitude), float(test_amplitude)
         self.epsilon, self.step, self.iterations = float(epsilon), float(step), int(iterations)
         self.perturbation_region, self.foreground_dilation = perturbation_region, int(foreground_dilation)
-        self.surrogate = surrogate
+        self.surrogate, self.ensemble_size = surrogate, int(ensemble_size)
         self.adv_epsilon, self.adv_step, self.adv_epochs = float(adv_epsilon), float(adv_step), int(adv_epochs)
         self.adv_lr, self.adv_batch_size, self.adv_init = float(adv_lr), int(adv_batch_size), adv_init
         self._surrogate: tuple[Classifier, ArtifactCache, str] | None = None
+        self._other_seed: Callable[[int], tuple[Classifier, str]] | None = None
 
     def setup(self, data: DatasetSplits) -> None:
         super().setup(data)
@@ -148,8 +162,10 @@ class LabelConsistent(MaskPatternAttack):
         self.pattern = pattern[None].expand(channels, height, width).clone()
         self.mask = self.corners * self.test_amplitude  # what apply() (test-time stamping) blends with
 
-    def use_clean_model(self, model: Classifier, cache: ArtifactCache, model_key: str) -> None:
+    def use_clean_model(self, model: Classifier, cache: ArtifactCache, model_key: str,
+                        other_seed: Callable[[int], tuple[Classifier, str]] | None = None) -> None:
         self._surrogate = (model, cache, model_key)
+        self._other_seed = other_seed
 
     def clean_surrogate(self) -> tuple[Classifier, ArtifactCache, str]:
         """The clean model, the cache and the clean model's key handed over by :meth:`use_clean_model`."""
@@ -157,6 +173,19 @@ class LabelConsistent(MaskPatternAttack):
             raise RuntimeError("label_consistent needs the clean surrogate: the pipeline calls use_clean_model() "
                                "before poisoning")
         return self._surrogate
+
+    def ensemble_surrogate(self) -> tuple[LogitEnsemble, list[str]]:
+        """The ``ensemble_size`` clean models (the reference, then seeds ``seed + 1``, ...) and their keys."""
+        model, _, model_key = self.clean_surrogate()
+        members, keys = [model], [model_key]
+        if self.ensemble_size > 1 and self._other_seed is None:
+            raise RuntimeError("the ensemble surrogate needs clean models of other seeds: the pipeline hands over "
+                               "other_seed with use_clean_model()")
+        for offset in range(1, self.ensemble_size):
+            member, key = self._other_seed(self.seed + offset)
+            members.append(member)
+            keys.append(key)
+        return LogitEnsemble(members), keys
 
     def robust_spec(self, model_key: str) -> dict[str, Any]:
         """What determines the robust surrogate: the clean model's key and the training settings."""
@@ -185,7 +214,7 @@ class LabelConsistent(MaskPatternAttack):
             robust.load_state_dict(state)
         return robust.to(device).eval(), spec_hash(spec)
 
-    def _perturb(self, images: Tensor, labels: Tensor, model: Classifier) -> Tensor:
+    def _perturb(self, images: Tensor, labels: Tensor, model: nn.Module) -> Tensor:
         device = next(model.parameters()).device
         out = torch.empty_like(images)
         for start in range(0, len(images), STAMP_CHUNK):
@@ -210,11 +239,18 @@ class LabelConsistent(MaskPatternAttack):
                 raise ValueError("the adversarial surrogate needs the training set")
             # the spec of the clean surrogate is kept as before, so its cached images stay valid
             spec["surrogate"] = {"robust": self.robust_spec(model_key)}
+        ensemble: LogitEnsemble | None = None
+        if self.surrogate == "ensemble":
+            ensemble, keys = self.ensemble_surrogate()
+            spec["surrogate"] = {"ensemble": keys}
         if self.perturbation_region != "image":  # only then, so images cached before the option stay valid
             spec["region"] = {"kind": self.perturbation_region, "dilation": self.foreground_dilation}
 
         def build() -> dict[str, Tensor]:
-            surrogate = self.robust_surrogate(train)[0] if self.surrogate == "adversarial" else model
+            if self.surrogate == "adversarial":
+                surrogate: nn.Module = self.robust_surrogate(train)[0]
+            else:
+                surrogate = ensemble if ensemble is not None else model
             return {"images": self._perturb(images, labels, surrogate)}
 
         tensors, _ = cache.get_or_build("poisoned/label_consistent", spec, build)
