@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import pytorch_lightning as pl
@@ -185,7 +185,8 @@ def poisoned_training_set(experiment: Experiment, cache_dir: str | Path) -> Pois
 
 def execute(experiment: Experiment, cache_dir: str | Path, output_dir: Path,
             loggers: list[Logger]) -> dict[str, Any]:
-    """Train (or reuse) both models, evaluate, defend; returns the metrics, timings and artifact records."""
+    """Train (or reuse) both models, evaluate, defend; returns the metrics, the artifact records and the
+    poisoned training set (None without an attack)."""
     cfg, data, attack = experiment.cfg, experiment.data, experiment.attack
     cache = ArtifactCache(cache_dir)
     clean_spec = model_spec(cfg, with_attack=False)
@@ -228,7 +229,7 @@ def execute(experiment: Experiment, cache_dir: str | Path, output_dir: Path,
         started = time.perf_counter()
         metrics.update(analysis.run(context))
         experiment.timings[f"analysis_{analysis.name}_s"] = time.perf_counter() - started
-    return {"metrics": metrics, "artifacts": artifacts}
+    return {"metrics": metrics, "artifacts": artifacts, "poisoned_train": poisoned_train}
 
 
 def tensor_digest(images: ImageSet) -> str:

@@ -25,7 +25,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from bdlab.errors import ConfigError, build
 from bdlab.loggers import build_loggers, close_loggers, log_images
-from bdlab.media import save_trigger_examples
+from bdlab.media import save_poisoned_examples, save_trigger_examples
 from bdlab.pipeline import execute, prepare, training_processes
 from bdlab.results import RESULTS_FILE, RESULTS_FORMAT, format_table, git_revision, package_versions, write_json_atomic
 from bdlab.sweeping.devices import gpu_slot
@@ -100,6 +100,7 @@ def run_experiment(cfg: DictConfig, output_dir: Path, group: str | None = None) 
         for logger in loggers:
             logger.log_metrics({k: v for k, v in outcome["metrics"].items() if isinstance(v, (int, float))})
         media = save_trigger_examples(experiment.attack, experiment.data.test, output_dir)
+        media.update(save_poisoned_examples(experiment.data.train, outcome["poisoned_train"], output_dir))
         # plots that defenses and analyses wrote into the run directory go to the dashboard too
         media.update({f"media/{png.stem}": png for png in sorted(output_dir.glob("*.png"))})
         log_images(loggers, media)

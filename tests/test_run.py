@@ -25,6 +25,33 @@ def bdlab_run(tmp_path: Path, *overrides: str, run_dir: str = "run") -> subproce
                           text=True, timeout=300)
 
 
+def test_poisoned_examples_show_poisoned_training_images_under_their_originals(tmp_path: Path) -> None:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from bdlab.attacks.base import PoisonedSet
+    from bdlab.datasets.base import ImageSet
+    from bdlab.media import save_poisoned_examples
+
+    originals = torch.zeros(6, 1, 4, 4, dtype=torch.uint8)
+    originals[:, :, 0, 0] = torch.arange(6, dtype=torch.uint8)[:, None] * 40
+    changed = originals.clone()
+    changed[:, :, 3, 3] = 255
+    flags = torch.tensor([False, True, False, True, True, False])
+    poisoned = PoisonedSet(torch.where(flags[:, None, None, None], changed, originals), torch.zeros(6, dtype=torch.long),
+                           flags)
+    media = save_poisoned_examples(ImageSet(originals, torch.zeros(6, dtype=torch.long)), poisoned, tmp_path, count=2)
+    picture = np.asarray(Image.open(media["media/poisoned_examples"]).convert("L"))
+    tile = 4 * 4  # 4 px upscaled 4 times, tiles separated by 4 px of padding
+    assert picture.shape == (2 * tile + 3 * 4, 2 * tile + 3 * 4)
+    top_left, top_right = picture[4:4 + tile, 4:4 + tile], picture[4:4 + tile, 8 + tile:8 + 2 * tile]
+    bottom_left = picture[8 + tile:8 + 2 * tile, 4:4 + tile]
+    assert top_left[0, 0] == 40 and top_right[0, 0] == 120  # samples 1 and 3, the first two poisoned
+    assert top_left[-1, -1] == 0 and bottom_left[-1, -1] == 255 and bottom_left[0, 0] == 40
+    assert save_poisoned_examples(ImageSet(originals, torch.zeros(6, dtype=torch.long)), None, tmp_path / "x") == {}
+
+
 def test_end_to_end_then_cache_reuse(tmp_path: Path) -> None:
     first = bdlab_run(tmp_path, "attack.poison_rate=0.2", "attack.patch_size=4", "logger=csv", run_dir="one")
     assert first.returncode == 0, first.stderr[-2000:]
@@ -40,6 +67,7 @@ def test_end_to_end_then_cache_reuse(tmp_path: Path) -> None:
     assert results["versions"]["torch"] and "total_s" in results["timings"]
     assert not results["artifacts"]["clean_model"]["reused"]
     assert "trojan/asr" in first.stdout
+    assert (tmp_path / "one" / "trigger_examples.png").is_file() and (tmp_path / "one" / "poisoned_examples.png").is_file()
     csv_files = list((tmp_path / "one" / "csv").rglob("metrics.csv"))
     assert csv_files and "trojan/asr" in csv_files[0].read_text()
 

@@ -11,8 +11,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bdlab.attacks.adversarial import (LogitEnsemble, fast_adversarial_training, foreground, pgd_untargeted,
-                                       reset_parameters)
+from bdlab.attacks.adversarial import (
+    LogitEnsemble,
+    fast_adversarial_training,
+    foreground,
+    pgd_untargeted,
+    reset_parameters,
+)
 from bdlab.attacks.base import STAMP_CHUNK, MaskPatternAttack, PoisonedSet
 from bdlab.cache import ArtifactCache, spec_hash
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float, to_uint8
