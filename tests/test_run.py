@@ -142,6 +142,15 @@ def test_every_attack_and_defense_option_prepares(group: str) -> None:
         assert f"{type(built).__module__}.{type(built).__name__}".endswith(cfg[group]._target_.split(".")[-1])
 
 
+def test_every_experiment_prepares() -> None:
+    """The reproduction configs compose, and their attacks and defenses validate against the data they name."""
+    for option in options("experiment"):
+        experiment = prepare(compose_config([f"+experiment={option}", "logger=none"]))
+        assert experiment.data.train.images.shape[0] > 0
+    lc = prepare(compose_config(["+experiment=label_consistent_mnist", "logger=none"])).attack
+    assert (lc.surrogate, lc.ensemble_size, lc.perturbation_region, lc.epsilon) == ("ensemble", 8, "foreground", 0.3)
+
+
 @pytest.mark.parametrize("option", ["lenet", "resnet18", "preact_resnet18"])
 def test_models_instantiate_on_synthetic_rgb(option: str) -> None:
     cfg = compose_config([*TINY_RUN, "dataset.channels=3", "dataset.size=32", f"model={option}"])
