@@ -111,9 +111,9 @@ class LabelConsistent(MaskPatternAttack):
     def __init__(self, poison_rate: float = 0.25, amplitude: float = 0.25, test_amplitude: float = 1.0,
                  epsilon: float = 8 / 255, step: float = 2 / 255, iterations: int = 10,
                  perturbation_region: str = "image", foreground_dilation: int = 2,
-                 surrogate: str = "adversarial", ensemble_size: int = 8, adv_epsilon: float = 0.3, adv_step: float | None = None,
-                 adv_epochs: int = 5, adv_lr: float = 0.05, adv_batch_size: int = 128, adv_init: str = "clean",
-                 **kwargs: Any) -> None:
+                 surrogate: str = "adversarial", ensemble_size: int = 8, adv_epsilon: float = 0.3,
+                 adv_step: float | None = None, adv_epochs: int = 5, adv_lr: float = 0.05, adv_batch_size: int = 128,
+                 adv_init: str = "clean", **kwargs: Any) -> None:
         super().__init__(poison_rate=poison_rate, **kwargs)
         check_range("attack.amplitude", amplitude, 0.0, 1.0, low_open=True)
         check_range("attack.test_amplitude", test_amplitude, 0.0, 1.0, low_open=True)
