@@ -39,8 +39,8 @@ def test_poisoned_examples_show_poisoned_training_images_under_their_originals(t
     changed = originals.clone()
     changed[:, :, 3, 3] = 255
     flags = torch.tensor([False, True, False, True, True, False])
-    poisoned = PoisonedSet(torch.where(flags[:, None, None, None], changed, originals), torch.zeros(6, dtype=torch.long),
-                           flags)
+    images = torch.where(flags[:, None, None, None], changed, originals)
+    poisoned = PoisonedSet(images, torch.zeros(6, dtype=torch.long), flags)
     media = save_poisoned_examples(ImageSet(originals, torch.zeros(6, dtype=torch.long)), poisoned, tmp_path, count=2)
     picture = np.asarray(Image.open(media["media/poisoned_examples"]).convert("L"))
     tile = 4 * 4  # 4 px upscaled 4 times, tiles separated by 4 px of padding
@@ -67,7 +67,8 @@ def test_end_to_end_then_cache_reuse(tmp_path: Path) -> None:
     assert results["versions"]["torch"] and "total_s" in results["timings"]
     assert not results["artifacts"]["clean_model"]["reused"]
     assert "trojan/asr" in first.stdout
-    assert (tmp_path / "one" / "trigger_examples.png").is_file() and (tmp_path / "one" / "poisoned_examples.png").is_file()
+    assert (tmp_path / "one" / "trigger_examples.png").is_file()
+    assert (tmp_path / "one" / "poisoned_examples.png").is_file()
     csv_files = list((tmp_path / "one" / "csv").rglob("metrics.csv"))
     assert csv_files and "trojan/asr" in csv_files[0].read_text()
 
