@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,21 +151,31 @@ def attack_metrics(model: Classifier, data: DatasetSplits, attack: Attack,
     return metrics
 
 
-def clean_model_trainer(experiment: Experiment, cache: ArtifactCache,
-                        loggers: list[Logger]) -> Callable[[int], tuple[Classifier, str]]:
-    """``seed -> (clean model, cache key)``: the clean model of the run's data and recipe trained
-    with another seed (from the cache, or trained and stored), for surrogate ensembles."""
-    def clean_model(seed: int) -> tuple[Classifier, str]:
-        spec = {**model_spec(experiment.cfg, with_attack=False), "seed": int(seed)}
-        return trained_model(experiment, cache, "clean", spec, experiment.data.train, loggers)[0], spec_hash(spec)
-    return clean_model
+@dataclass
+class OtherSeedCleanModels:
+    """The clean models of the run's data and recipe trained with other seeds
+    (:class:`~bdlab.attacks.base.CleanModels`), cached like the reference model."""
+
+    experiment: Experiment
+    cache: ArtifactCache
+    loggers: list[Logger]
+
+    def spec(self, seed: int) -> dict[str, Any]:
+        return {**model_spec(self.experiment.cfg, with_attack=False), "seed": int(seed)}
+
+    def key(self, seed: int) -> str:
+        return spec_hash(self.spec(seed))
+
+    def model(self, seed: int) -> Classifier:
+        return trained_model(self.experiment, self.cache, "clean", self.spec(seed), self.experiment.data.train,
+                             self.loggers)[0]
 
 
 def hand_clean_model(experiment: Experiment, cache: ArtifactCache, clean_model: Classifier,
                      clean_spec: dict[str, Any], loggers: list[Logger]) -> None:
-    """Give the attack the clean reference model, its key and the trainer of other-seed clean models."""
+    """Give the attack the clean reference model, its key and the clean models of other seeds."""
     experiment.attack.use_clean_model(clean_model, cache, spec_hash(clean_spec),
-                                      clean_model_trainer(experiment, cache, loggers))
+                                      OtherSeedCleanModels(experiment, cache, loggers))
 
 
 def poisoned_training_set(experiment: Experiment, cache_dir: str | Path) -> PoisonedSet:

@@ -16,7 +16,7 @@ from bdlab.compose import compose_config
 from bdlab.errors import ConfigError
 from bdlab.models import LeNet
 from bdlab.models.classifier import build_classifier
-from bdlab.pipeline import clean_model_trainer, execute, prepare
+from bdlab.pipeline import OtherSeedCleanModels, execute, prepare
 from tests.conftest import TINY_RUN, make_splits
 from tests.test_transforms import shared_cache
 
@@ -181,10 +181,14 @@ def test_ensemble_surrogate_attacks_the_reference_and_other_seed_models(tmp_path
     data = handmade()
     requested: list[int] = []
 
-    def other_seed(seed: int):
-        requested.append(seed)
-        torch.manual_seed(seed)
-        return build_classifier(LeNet, (1, 16, 16), 4, (0.5,), (0.25,)), f"key-{seed}"
+    class OtherSeeds:
+        def key(self, seed: int) -> str:
+            return f"key-{seed}"
+
+        def model(self, seed: int):
+            requested.append(seed)
+            torch.manual_seed(seed)
+            return build_classifier(LeNet, (1, 16, 16), 4, (0.5,), (0.25,))
 
     settings = dict(epsilon=0.1, step=0.02, iterations=5, target_class=1, surrogate="ensemble", ensemble_size=3,
                     seed=4)
@@ -194,8 +198,8 @@ def test_ensemble_surrogate_attacks_the_reference_and_other_seed_models(tmp_path
     attack.use_clean_model(surrogate(), cache, "key")
     with pytest.raises(RuntimeError):  # no way to get the other members
         attack.poison_train(data.train)
-    attack.use_clean_model(surrogate(), cache, "key", other_seed)
-    ensemble, keys = attack.ensemble_surrogate()
+    attack.use_clean_model(surrogate(), cache, "key", OtherSeeds())
+    ensemble, keys = attack.ensemble_surrogate(), attack.ensemble_keys()
     assert requested == [5, 6] and keys == ["key", "key-5", "key-6"] and len(ensemble.members) == 3
     poisoned = attack.poison_train(data.train)
     index = poisoned.is_poison
@@ -221,9 +225,9 @@ def test_pipeline_trains_and_caches_the_other_seed_clean_models(tmp_path: Path, 
     clean_models = set((cache / "models" / "clean").glob("*/tensors.safetensors"))
     assert len(clean_models) >= 2  # the reference and the seed-1 model
     experiment = prepare(compose_config(overrides))
-    trainer = clean_model_trainer(experiment, ArtifactCache(cache), [])
-    seed1, key1 = trainer(1)
-    seed0, key0 = trainer(0)
+    models = OtherSeedCleanModels(experiment, ArtifactCache(cache), [])
+    seed1, key1 = models.model(1), models.key(1)
+    seed0, key0 = models.model(0), models.key(0)
     # both come from the cache (nothing new is trained) and are different models
     assert key0 != key1 and set((cache / "models" / "clean").glob("*/tensors.safetensors")) == clean_models
     assert not torch.equal(seed0.state_dict()["net.head.weight"], seed1.state_dict()["net.head.weight"])

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from torch import Tensor
@@ -31,6 +30,16 @@ class PoisonedSet(ImageSet):
         super().__post_init__()
         if self.is_poison is None or self.is_poison.shape != self.labels.shape or self.is_poison.dtype != torch.bool:
             raise ValueError("is_poison must be a bool tensor with one flag per image")
+
+
+class CleanModels(Protocol):
+    """Clean models of the run's data and recipe trained with other seeds (surrogate ensembles)."""
+
+    def key(self, seed: int) -> str:
+        """The cache key of the clean model trained with ``seed`` (cheap: nothing is loaded)."""
+
+    def model(self, seed: int) -> Classifier:
+        """The clean model trained with ``seed``, from the cache or trained on first use and stored."""
 
 
 class Attack(ABC):
@@ -96,11 +105,11 @@ class Attack(ABC):
         return random_shrink_pad(random_flip(x), self.enhance_max_shrink)
 
     def use_clean_model(self, model: Classifier, cache: ArtifactCache, model_key: str,
-                        other_seed: Callable[[int], tuple[Classifier, str]] | None = None) -> None:
+                        other_seeds: CleanModels | None = None) -> None:
         """Called by the pipeline before poisoning with the clean reference model (same data, recipe
-        and seed), the artifact cache, that model's cache key and ``other_seed``: ``seed -> (clean
-        model trained with that seed, its key)``, trained on first use and cached. Attacks that craft
-        their poisons on clean surrogates (label-consistent) keep them; the others ignore the call."""
+        and seed), the artifact cache, that model's cache key and ``other_seeds``, the clean models
+        of other training seeds. Attacks that craft their poisons on clean surrogates
+        (label-consistent) keep them; the others ignore the call."""
 
     @property
     def trigger_mask(self) -> Tensor | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -18,7 +17,7 @@ from bdlab.attacks.adversarial import (
     pgd_untargeted,
     reset_parameters,
 )
-from bdlab.attacks.base import STAMP_CHUNK, MaskPatternAttack, PoisonedSet
+from bdlab.attacks.base import STAMP_CHUNK, CleanModels, MaskPatternAttack, PoisonedSet
 from bdlab.cache import ArtifactCache, spec_hash
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float, to_uint8
 from bdlab.errors import ConfigError, check_range
@@ -148,7 +147,7 @@ class LabelConsistent(MaskPatternAttack):
         self.adv_epsilon, self.adv_step, self.adv_epochs = float(adv_epsilon), float(adv_step), int(adv_epochs)
         self.adv_lr, self.adv_batch_size, self.adv_init = float(adv_lr), int(adv_batch_size), adv_init
         self._surrogate: tuple[Classifier, ArtifactCache, str] | None = None
-        self._other_seed: Callable[[int], tuple[Classifier, str]] | None = None
+        self._other_seeds: CleanModels | None = None
 
     def setup(self, data: DatasetSplits) -> None:
         super().setup(data)
@@ -168,9 +167,9 @@ class LabelConsistent(MaskPatternAttack):
         self.mask = self.corners * self.test_amplitude  # what apply() (test-time stamping) blends with
 
     def use_clean_model(self, model: Classifier, cache: ArtifactCache, model_key: str,
-                        other_seed: Callable[[int], tuple[Classifier, str]] | None = None) -> None:
+                        other_seeds: CleanModels | None = None) -> None:
         self._surrogate = (model, cache, model_key)
-        self._other_seed = other_seed
+        self._other_seeds = other_seeds
 
     def clean_surrogate(self) -> tuple[Classifier, ArtifactCache, str]:
         """The clean model, the cache and the clean model's key handed over by :meth:`use_clean_model`."""
@@ -179,18 +178,23 @@ class LabelConsistent(MaskPatternAttack):
                                "before poisoning")
         return self._surrogate
 
-    def ensemble_surrogate(self) -> tuple[LogitEnsemble, list[str]]:
-        """The ``ensemble_size`` clean models (the reference, then seeds ``seed + 1``, ...) and their keys."""
-        model, _, model_key = self.clean_surrogate()
-        members, keys = [model], [model_key]
-        if self.ensemble_size > 1 and self._other_seed is None:
-            raise RuntimeError("the ensemble surrogate needs clean models of other seeds: the pipeline hands over "
-                               "other_seed with use_clean_model()")
-        for offset in range(1, self.ensemble_size):
-            member, key = self._other_seed(self.seed + offset)
-            members.append(member)
-            keys.append(key)
-        return LogitEnsemble(members), keys
+    def other_seeds(self) -> tuple[CleanModels | None, list[int]]:
+        """The clean models of other seeds and the seeds ``seed + 1``, ... the ensemble takes from them."""
+        seeds = [self.seed + offset for offset in range(1, self.ensemble_size)]
+        if seeds and self._other_seeds is None:
+            raise RuntimeError("the ensemble surrogate needs clean models of other seeds: the pipeline hands them "
+                               "over with use_clean_model()")
+        return self._other_seeds, seeds
+
+    def ensemble_keys(self) -> list[str]:
+        """The cache keys of the ensemble's members (the reference model first); loads no model."""
+        models, seeds = self.other_seeds()
+        return [self.clean_surrogate()[2], *(models.key(seed) for seed in seeds)]
+
+    def ensemble_surrogate(self) -> LogitEnsemble:
+        """The ``ensemble_size`` clean models: the reference, then those of seeds ``seed + 1``, ..."""
+        models, seeds = self.other_seeds()
+        return LogitEnsemble([self.clean_surrogate()[0], *(models.model(seed) for seed in seeds)])
 
     def robust_spec(self, model_key: str) -> dict[str, Any]:
         """What determines the robust surrogate: the clean model's key and the training settings."""
@@ -244,18 +248,18 @@ class LabelConsistent(MaskPatternAttack):
                 raise ValueError("the adversarial surrogate needs the training set")
             # the spec of the clean surrogate is kept as before, so its cached images stay valid
             spec["surrogate"] = {"robust": self.robust_spec(model_key)}
-        ensemble: LogitEnsemble | None = None
-        if self.surrogate == "ensemble":
-            ensemble, keys = self.ensemble_surrogate()
-            spec["surrogate"] = {"ensemble": keys}
+        if self.surrogate == "ensemble":  # the members are loaded (or trained) only when images are built
+            spec["surrogate"] = {"ensemble": self.ensemble_keys()}
         if self.perturbation_region != "image":  # only then, so images cached before the option stay valid
             spec["region"] = {"kind": self.perturbation_region, "dilation": self.foreground_dilation}
 
         def build() -> dict[str, Tensor]:
             if self.surrogate == "adversarial":
                 surrogate: nn.Module = self.robust_surrogate(train)[0]
+            elif self.surrogate == "ensemble":
+                surrogate = self.ensemble_surrogate()
             else:
-                surrogate = ensemble if ensemble is not None else model
+                surrogate = model
             return {"images": self._perturb(images, labels, surrogate)}
 
         tensors, _ = cache.get_or_build("poisoned/label_consistent", spec, build)
