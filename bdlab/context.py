@@ -12,6 +12,7 @@ from pytorch_lightning.loggers import Logger
 
 from bdlab.attacks.base import Attack, PoisonedSet
 from bdlab.datasets.base import DatasetSplits, ImageSet
+from bdlab.evaluate import Evaluation
 from bdlab.models.classifier import Classifier
 
 
@@ -20,8 +21,9 @@ class RunContext:
     """The data, both models and the attack's published ground truth (target class, trigger mask).
 
     ``poisoned_test`` holds the stamped test images of non-target classes with their *true*
-    labels (None without an attack); ``baseline`` the undefended metrics, so a defense reports
-    differences to them. ``retrain(train_set, tag)`` trains a fresh model with the run's recipe
+    labels (None without an attack); ``undefended`` the trojaned model's evaluation (ACC, CCC,
+    ASR, TMC), so a defense reports differences to it. ``retrain(train_set, tag)`` trains a fresh model with the run's
+    recipe
     on any training set (cached by its content), for defenses that filter training data.
     ``output_dir`` is where files (CSV, PNG) go; ``loggers`` take tables and images.
     """
@@ -36,5 +38,5 @@ class RunContext:
     output_dir: Path
     device: torch.device
     retrain: Callable[[ImageSet, str], Classifier]
-    baseline: dict[str, float] = field(default_factory=dict)
+    undefended: Evaluation
     loggers: list[Logger] = field(default_factory=list)

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 
 from bdlab.attacks.base import NoAttack, PoisonedSet
 from bdlab.compose import compose_config
+from bdlab.console import quiet_third_party
 from bdlab.errors import ConfigError
 from bdlab.pipeline import poisoned_training_set, prepare
 
@@ -45,6 +46,7 @@ def load_poisoned_set(path: str | Path) -> tuple[PoisonedSet, dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_third_party()
     args = list(sys.argv[1:] if argv is None else argv)
     outs = [a for a in args if a.startswith("out=")]
     if len(outs) != 1:
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"bdlab: invalid config: {error}", file=sys.stderr)
         return 2
-    poisoned = poisoned_training_set(experiment, cfg.cache_dir)
+    poisoned = poisoned_training_set(experiment)
     metadata = {"dataset": experiment.data.name, "attack": experiment.attack.name,
                 "attack_config": json.dumps(OmegaConf.to_container(cfg.attack, resolve=True))}
     save_poisoned_set(poisoned, out, metadata)

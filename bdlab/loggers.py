@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger, WandbLogger
+
+log = logging.getLogger(__name__)
 
 
 def wandb_configured() -> bool:
@@ -42,7 +45,11 @@ def build_loggers(logger_cfg: DictConfig | None, save_dir: Path, group: str | No
                 kwargs["offline"] = wandb_offline()
             if kwargs.get("group") is None and group is not None:
                 kwargs["group"] = group
-        loggers.append(instantiate(kwargs))
+        logger = instantiate(kwargs)
+        if isinstance(logger, WandbLogger) and getattr(logger, "_wandb_init", {}).get("anonymous", 0) is None:
+            # Lightning always passes anonymous=None, which recent W&B warns about on every run
+            del logger._wandb_init["anonymous"]
+        loggers.append(logger)
     return loggers
 
 
@@ -63,4 +70,8 @@ def close_loggers(loggers: list[Logger], status: str) -> None:
             import wandb  # imported by WandbLogger already; only W&B runs get here
 
             if wandb.run is not None:
+                offline = wandb.run.settings.mode == "offline" or wandb.run.offline
+                run_dir = Path(wandb.run.dir).parent
                 wandb.finish(exit_code=0 if status == "success" else 1)
+                if offline:  # W&B's own lines are silenced (bdlab.console); this one is the hint that matters
+                    log.info("W&B run saved offline; upload it with: wandb sync %s", run_dir)

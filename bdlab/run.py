@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from bdlab.console import quiet_third_party
 from bdlab.errors import ConfigError, build
 from bdlab.loggers import build_loggers, close_loggers, log_images
 from bdlab.media import save_poisoned_examples, save_trigger_examples
@@ -59,7 +60,7 @@ def config_names(cfg: DictConfig) -> dict[str, str]:
 
 def run_parameters(cfg: DictConfig) -> dict[str, Any]:
     """Top-level W&B config: each group's parameters beside its name, so dashboards pivot on both."""
-    params: dict[str, Any] = {"seed": int(cfg.seed)}
+    params: dict[str, Any] = {"seed": seed_or_none(cfg)}
     for group in ("dataset", "model", "attack", "defense", "trainer"):
         node = OmegaConf.to_container(cfg[group], resolve=True)
         params[f"{group}_params"] = {k: v for k, v in node.items() if not k.startswith("_")}
@@ -80,14 +81,15 @@ def run_experiment(cfg: DictConfig, output_dir: Path, group: str | None = None) 
         names = run_names(cfg, experiment)
         for logger in loggers:
             logger.log_hyperparams({**names, **run_parameters(cfg), "config": OmegaConf.to_container(cfg, resolve=True)})
-        outcome = execute(experiment, cfg.cache_dir, output_dir, loggers)
+        outcome = execute(experiment, output_dir, loggers)
         experiment.timings["total_s"] = time.perf_counter() - started
         results = {
             "format": RESULTS_FORMAT,
             "status": "ok",
             **names,
-            "seed": int(cfg.seed),
+            "seed": experiment.recipe.seed,
             "metrics": outcome["metrics"],
+            "headline": [list(item) for item in experiment.headline_metrics()],
             "timings": experiment.timings,
             "artifacts": outcome["artifacts"],
             "config": OmegaConf.to_container(cfg, resolve=True),
@@ -114,6 +116,14 @@ def run_experiment(cfg: DictConfig, output_dir: Path, group: str | None = None) 
     return results
 
 
+def seed_or_none(cfg: DictConfig) -> int | None:
+    """The run's seed, or None when the seed itself is what was invalid."""
+    try:
+        return int(cfg.seed)
+    except (TypeError, ValueError):
+        return None
+
+
 def resolved_or_raw(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config, or the raw one when resolving is what failed."""
     try:
@@ -129,7 +139,7 @@ def record_failure(cfg: DictConfig, output_dir: Path, error: BaseException) -> P
         "format": RESULTS_FORMAT,
         "status": "failed",
         **config_names(cfg),
-        "seed": int(cfg.seed),
+        "seed": seed_or_none(cfg),
         "metrics": {},
         "error": {"type": type(error).__name__, "message": str(error),
                   "traceback": "".join(traceback.format_exception(error))},
@@ -157,6 +167,7 @@ def check_ddp_in_sweep(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    quiet_third_party()
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN

@@ -32,3 +32,24 @@ def make_splits(images: torch.Tensor, labels: torch.Tensor, num_classes: int = 1
     image_set = ImageSet(images, labels)
     return DatasetSplits("handmade", image_set, image_set, image_set, num_classes, (0.5,) * channels,
                          (0.25,) * channels)
+
+
+class StubResources:
+    """Attack resources (:class:`~bdlab.attacks.base.Resources`) for unit tests: a cache under ``root``,
+    the CPU, and the given clean models by training seed (``run_seed``'s is the reference)."""
+
+    def __init__(self, root: Path, models: dict[int, torch.nn.Module] | None = None, key: str = "key",
+                 run_seed: int = 0) -> None:
+        from bdlab.cache import ArtifactCache
+
+        self.cache, self.device = ArtifactCache(root), torch.device("cpu")
+        self.models, self.key, self.run_seed = models or {}, key, run_seed
+        self.asked: list[int] = []
+
+    def clean_key(self, seed: int | None = None) -> str:
+        return self.key if seed is None or seed == self.run_seed else f"{self.key}-{seed}"
+
+    def clean_model(self, seed: int | None = None) -> torch.nn.Module:
+        seed = self.run_seed if seed is None else seed
+        self.asked.append(seed)
+        return self.models[seed]

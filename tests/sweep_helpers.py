@@ -46,7 +46,7 @@ def results(sweep_dir: Path) -> dict[str, dict[str, Any]]:
 
 
 # the smoke grid (badnets, blended, none x none, flip), 2 epochs, with a batch-size axis whose 0
-# makes its 6 cells fail in training: realistic failures next to successes, for every consumer
+# makes its 6 cells fail validation: failed cells next to successes, for every consumer
 GRID = ("trainer.max_epochs=2", "model.batch_size=128,0")
 
 

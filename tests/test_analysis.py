@@ -24,7 +24,7 @@ def test_every_analysis_writes_its_files_and_logs_to_wandb(tmp_path: Path, tmp_p
                           "analysis.trigger_appearance.step=51", f"cache_dir={shared_cache(tmp_path_factory)}"])
     experiment = prepare(cfg)
     wandb = WandbLogger(project="bdlab", offline=True, save_dir=str(tmp_path))
-    metrics = execute(experiment, cfg.cache_dir, tmp_path / "run", [wandb])["metrics"]
+    metrics = execute(experiment, tmp_path / "run", [wandb])["metrics"]
     wandb.finalize("success")
     for name in ALL:
         folder = tmp_path / "run" / name
@@ -79,7 +79,7 @@ def test_why_is_your_trojan_badnets_curves_on_mnist(tmp_path: Path) -> None:
     for seed in (0, 1, 2):
         cfg = compose_config(["+experiment=trojan_transforms_badnets", "analysis=trigger_transform", "logger=none",
                               f"seed={seed}", f"cache_dir={tmp_path}"])
-        metrics = execute(prepare(cfg), cfg.cache_dir, tmp_path / f"run{seed}", [])["metrics"]
+        metrics = execute(prepare(cfg), tmp_path / f"run{seed}", [])["metrics"]
         translate = [metrics[f"analysis/trigger_transform/translate_{r}/asr"] for r in (1, 2, 3)]
         assert translate[0] >= translate[1] >= translate[2]
         for angle in angles:

@@ -15,6 +15,7 @@ from bdlab.defenses.activation_clustering import ActivationClustering, kmeans2, 
 from bdlab.defenses.filtering import roc_auc
 from bdlab.defenses.spectral_signature import SpectralSignature
 from bdlab.errors import ConfigError
+from bdlab.evaluate import Evaluation
 from bdlab.models.classifier import Classifier
 from tests.conftest import make_splits
 
@@ -90,9 +91,9 @@ def pixel_feature_context(tmp_path: Path, retrain) -> RunContext:
     attack = BadNets(patch_size=1, poison_rate=0.1)
     attack.setup(data)
     model = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), (0.0,), (1.0,))
+    undefended = Evaluation(acc=80.0, asr=90.0, clean_logits=torch.zeros(1, 3), poisoned_logits=torch.zeros(1, 3))
     return RunContext(None, data, attack, model, model, attack.poison_train(data.train),
-                      attack.poison_test(data.test), tmp_path, torch.device("cpu"), retrain,
-                      baseline={"trojan/asr": 90.0, "trojan/acc": 80.0})
+                      attack.poison_test(data.test), tmp_path, torch.device("cpu"), retrain, undefended)
 
 
 def test_train_data_protocol_reports_against_the_true_flags_and_retrains(tmp_path: Path) -> None:

@@ -43,10 +43,10 @@ def test_tensor_batches_shard_disjointly_and_evenly() -> None:
     images, labels = torch.arange(103).view(103, 1, 1, 1), torch.arange(103)
     shards = [TensorBatches(images, labels, batch_size=8, seed=3, rank=rank, world_size=2) for rank in (0, 1)]
     for epoch in range(2):  # each epoch reshuffles identically on both ranks
-        seen = [torch.cat([batch_labels for _, batch_labels in shard]) for shard in shards]
+        seen = [torch.cat([batch_labels for _, batch_labels, _ in shard]) for shard in shards]
         assert len(seen[0]) == len(seen[1]) == 51 and len(shards[0]) == len(shards[1]) == 7
         assert not set(seen[0].tolist()) & set(seen[1].tolist())
     single = TensorBatches(images, labels, batch_size=8, seed=3)
     single.shard(1, 2)
-    assert torch.equal(torch.cat([b for _, b in single]), torch.cat([b for _, b in
+    assert torch.equal(torch.cat([b for _, b, _ in single]), torch.cat([b for _, b, _ in
                        TensorBatches(images, labels, batch_size=8, seed=3, rank=1, world_size=2)]))

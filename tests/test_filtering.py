@@ -12,6 +12,7 @@ from bdlab.attacks.badnets import BadNets
 from bdlab.context import RunContext
 from bdlab.defenses.filtering import HISTOGRAM_FILE, InputFilteringDefense, roc_auc, threshold_at_fpr
 from bdlab.errors import ConfigError
+from bdlab.evaluate import Evaluation
 from bdlab.models.classifier import Classifier
 from tests.conftest import make_splits
 
@@ -60,7 +61,7 @@ def test_protocol_reports_every_metric_and_writes_the_histogram(tmp_path: Path) 
     model = Classifier(PatchModel(), (0.0,), (1.0,))
     model.anchor = nn.Linear(1, 1)  # a parameter, so the model has a device
     context = RunContext(None, data, attack, model, model, None, poisoned, tmp_path, torch.device("cpu"),
-                         lambda *_: model, baseline={})
+                         lambda *_: model, Evaluation())
     metrics = BrightnessFilter(fpr=0.05).run(context)
     assert metrics["defense/tpr"] == 100.0 and metrics["defense/roc_auc"] == pytest.approx(1.0)
     assert metrics["defense/asr_after_rejection"] == 0.0

@@ -11,13 +11,14 @@ import torch
 from bdlab.attacks import label_consistent
 from bdlab.attacks.adversarial import LogitEnsemble, fast_adversarial_training, foreground, pgd_untargeted
 from bdlab.attacks.label_consistent import LabelConsistent
-from bdlab.cache import ArtifactCache
 from bdlab.compose import compose_config
+from bdlab.datasets.base import ImageSet
 from bdlab.errors import ConfigError
+from bdlab.evaluate import evaluate
 from bdlab.models import LeNet
 from bdlab.models.classifier import build_classifier
-from bdlab.pipeline import OtherSeedCleanModels, execute, prepare
-from tests.conftest import TINY_RUN, make_splits
+from bdlab.pipeline import execute, prepare
+from tests.conftest import TINY_RUN, StubResources, make_splits
 from tests.test_transforms import shared_cache
 
 
@@ -53,8 +54,7 @@ def test_poisons_only_the_target_class_with_bounded_perturbation_and_caches(tmp_
     attack.setup(data)
     with pytest.raises(RuntimeError):
         attack.poison_train(data.train)
-    cache = ArtifactCache(tmp_path)
-    attack.use_clean_model(surrogate(), cache, "key")
+    attack.setup(data, StubResources(tmp_path, {0: surrogate()}))
     poisoned = attack.poison_train(data.train)
     assert torch.equal(poisoned.labels, data.train.labels)  # clean-label
     assert poisoned.is_poison.sum() == 5 and (data.train.labels[poisoned.is_poison] == 1).all()
@@ -72,8 +72,7 @@ def test_poisons_only_the_target_class_with_bounded_perturbation_and_caches(tmp_
 def test_zero_iterations_is_the_trigger_alone(tmp_path: Path) -> None:
     data = handmade()
     attack = LabelConsistent(iterations=0, amplitude=0.25, surrogate="clean")
-    attack.setup(data)
-    attack.use_clean_model(surrogate(), ArtifactCache(tmp_path), "key")
+    attack.setup(data, StubResources(tmp_path, {0: surrogate()}))
     poisoned = attack.poison_train(data.train)
     index = poisoned.is_poison
     x, m = data.train.images[index].float() / 255, 0.25 * attack.trigger_mask.float()
@@ -93,12 +92,10 @@ def test_robust_surrogate_is_adversarially_trained_once_and_cached(tmp_path: Pat
     monkeypatch.setattr(label_consistent, "fast_adversarial_training", counting)
     clean = surrogate()
     clean_state = {k: v.clone() for k, v in clean.state_dict().items()}
-    cache = ArtifactCache(tmp_path)
     settings = dict(epsilon=0.1, step=0.02, iterations=5, target_class=1, adv_epsilon=0.2, adv_epochs=1,
                     adv_batch_size=16)
     attack = LabelConsistent(**settings)
-    attack.setup(data)
-    attack.use_clean_model(clean, cache, "key")
+    attack.setup(data, StubResources(tmp_path, {0: clean}))
     poisoned = attack.poison_train(data.train)
     assert calls == [1]
     assert len(list((tmp_path / "models" / "robust_surrogate").glob("*/tensors.safetensors"))) == 1
@@ -107,22 +104,20 @@ def test_robust_surrogate_is_adversarially_trained_once_and_cached(tmp_path: Pat
     assert calls == [1] and not torch.equal(robust.state_dict()["net.head.weight"], clean_state["net.head.weight"])
     # another run with the same settings (new poisoned images asked for) reuses the stored surrogate
     other = LabelConsistent(**{**settings, "iterations": 3})
-    other.setup(data)
-    other.use_clean_model(surrogate(), cache, "key")
+    other.setup(data, StubResources(tmp_path, {0: surrogate()}))
     other.poison_train(data.train)
     assert calls == [1] and other.robust_surrogate(data.train)[1] == key
     # the clean surrogate gives other perturbations, cached apart from the robust ones
     plain = LabelConsistent(**{**settings, "surrogate": "clean"})
-    plain.setup(data)
-    plain.use_clean_model(clean, cache, "key")
+    plain.setup(data, StubResources(tmp_path, {0: clean}))
     assert not torch.equal(plain.poison_train(data.train).images, poisoned.images)
     assert len(list((tmp_path / "poisoned" / "label_consistent").glob("*/tensors.safetensors"))) == 3
     # a different training setting or clean model key is a different surrogate
     changed = LabelConsistent(**{**settings, "adv_epsilon": 0.1})
-    changed.use_clean_model(clean, cache, "key")
+    changed.setup(data, StubResources(tmp_path, {0: clean}))
     assert changed.robust_surrogate(data.train)[1] != key and calls == [1, 1]
     scratch = LabelConsistent(**{**settings, "adv_init": "scratch"})
-    scratch.use_clean_model(clean, cache, "other-key")
+    scratch.setup(data, StubResources(tmp_path, {0: clean}, key="other-key"))
     assert scratch.robust_surrogate(data.train)[1] not in (key,) and calls == [1, 1, 1]
 
 
@@ -179,28 +174,21 @@ def test_logit_ensemble_is_the_mean_of_its_members_logits() -> None:
 
 def test_ensemble_surrogate_attacks_the_reference_and_other_seed_models(tmp_path: Path) -> None:
     data = handmade()
-    requested: list[int] = []
 
-    class OtherSeeds:
-        def key(self, seed: int) -> str:
-            return f"key-{seed}"
-
-        def model(self, seed: int):
-            requested.append(seed)
-            torch.manual_seed(seed)
-            return build_classifier(LeNet, (1, 16, 16), 4, (0.5,), (0.25,))
+    def member(seed: int):
+        torch.manual_seed(seed)
+        return build_classifier(LeNet, (1, 16, 16), 4, (0.5,), (0.25,))
 
     settings = dict(epsilon=0.1, step=0.02, iterations=5, target_class=1, surrogate="ensemble", ensemble_size=3,
                     seed=4)
     attack = LabelConsistent(**settings)
     attack.setup(data)
-    cache = ArtifactCache(tmp_path)
-    attack.use_clean_model(surrogate(), cache, "key")
-    with pytest.raises(RuntimeError):  # no way to get the other members
+    with pytest.raises(RuntimeError):  # no resources: no way to get the members
         attack.poison_train(data.train)
-    attack.use_clean_model(surrogate(), cache, "key", OtherSeeds())
+    resources = StubResources(tmp_path, {4: surrogate(), 5: member(5), 6: member(6)}, run_seed=4)
+    attack.setup(data, resources)
     ensemble, keys = attack.ensemble_surrogate(), attack.ensemble_keys()
-    assert requested == [5, 6] and keys == ["key", "key-5", "key-6"] and len(ensemble.members) == 3
+    assert resources.asked == [4, 5, 6] and keys == ["key", "key-5", "key-6"] and len(ensemble.members) == 3
     poisoned = attack.poison_train(data.train)
     index = poisoned.is_poison
     x = data.train.images[index].float() / 255
@@ -209,8 +197,7 @@ def test_ensemble_surrogate_attacks_the_reference_and_other_seed_models(tmp_path
     assert (poisoned.images[index].float() - (expected * (1 - m) + m * attack.pattern) * 255).abs().max() <= 0.5001
     # one model is the clean surrogate: different perturbations, cached apart
     single = LabelConsistent(**{**settings, "ensemble_size": 1})
-    single.setup(data)
-    single.use_clean_model(surrogate(), cache, "key")
+    single.setup(data, resources)
     assert not torch.equal(single.poison_train(data.train).images, poisoned.images)
     assert len(list((tmp_path / "poisoned" / "label_consistent").glob("*/tensors.safetensors"))) == 2
 
@@ -220,24 +207,41 @@ def test_pipeline_trains_and_caches_the_other_seed_clean_models(tmp_path: Path, 
     overrides = [*TINY_RUN, "attack=label_consistent", "attack.poison_rate=0.5", "attack.surrogate=ensemble",
                  "attack.ensemble_size=2", "attack.iterations=3", f"cache_dir={cache}"]
     cfg = compose_config(overrides)
-    metrics = execute(prepare(cfg), cfg.cache_dir, tmp_path / "run", [])["metrics"]
+    metrics = execute(prepare(cfg), tmp_path / "run", [])["metrics"]
     assert metrics["trojan/acc"] > 80
     clean_models = set((cache / "models" / "clean").glob("*/tensors.safetensors"))
     assert len(clean_models) >= 2  # the reference and the seed-1 model
-    experiment = prepare(compose_config(overrides))
-    models = OtherSeedCleanModels(experiment, ArtifactCache(cache), [])
-    seed1, key1 = models.model(1), models.key(1)
-    seed0, key0 = models.model(0), models.key(0)
+    models = prepare(compose_config(overrides)).resources
+    seed1, key1 = models.clean_model(1), models.clean_key(1)
+    seed0, key0 = models.clean_model(0), models.clean_key(0)
     # both come from the cache (nothing new is trained) and are different models
     assert key0 != key1 and set((cache / "models" / "clean").glob("*/tensors.safetensors")) == clean_models
     assert not torch.equal(seed0.state_dict()["net.head.weight"], seed1.state_dict()["net.head.weight"])
 
 
 def test_end_to_end_on_the_tiny_run(tmp_path: Path, tmp_path_factory) -> None:
+    """The run hands over clean-label poisons that the clean model misreads, and tests with the full trigger."""
     cache = shared_cache(tmp_path_factory)  # the clean model is the one the other tiny runs train
-    cfg = compose_config([*TINY_RUN, "attack=label_consistent", "attack.poison_rate=0.5", f"cache_dir={cache}"])
-    metrics = execute(prepare(cfg), cfg.cache_dir, tmp_path / "run", [])["metrics"]
-    assert metrics["trojan/acc"] > 80 and metrics["trojan/asr"] >= 0
+    cfg = compose_config([*TINY_RUN, "attack=label_consistent", "attack.poison_rate=0.5", "attack.surrogate=clean",
+                          "attack.epsilon=0.1", "attack.step=0.02", f"cache_dir={cache}"])
+    experiment = prepare(cfg)
+    outcome = execute(experiment, tmp_path / "run", [])
+    metrics, poisoned = outcome["metrics"], outcome["poisoned_train"]
+    train, attack = experiment.data.train, experiment.attack
+    assert metrics["trojan/acc"] > 80 and metrics["attack/cad"] == metrics["clean/acc"] - metrics["trojan/acc"]
+    assert 0.0 <= metrics["trojan/asr"] <= 100.0 and metrics["trojan/asr"] >= metrics["clean/asr"] - 1.0
+    # clean-label: every label kept, half of the target class (and nothing else) poisoned
+    assert torch.equal(poisoned.labels, train.labels)
+    assert (train.labels[poisoned.is_poison] == 0).all()
+    assert poisoned.is_poison.sum() == round(0.5 * (train.labels == 0).sum().item())
+    # the PGD perturbation stays within epsilon off the trigger and misleads the clean surrogate
+    index = poisoned.is_poison
+    moved = (poisoned.images[index].float() - train.images[index].float()).abs()[:, :, ~attack.trigger_mask]
+    assert moved.max() <= 0.1 * 255 + 1 and moved.mean() > 2
+    clean_model = experiment.resources.clean_model()
+    on_originals = evaluate(clean_model, ImageSet(train.images[index], train.labels[index]), None, 0).acc
+    on_poisons = evaluate(clean_model, ImageSet(poisoned.images[index], train.labels[index]), None, 0).acc
+    assert on_originals > 95 and on_poisons < on_originals - 50
     assert list((cache / "poisoned" / "label_consistent").glob("*/tensors.safetensors"))
 
 

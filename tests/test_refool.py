@@ -11,7 +11,7 @@ from PIL import Image
 
 from bdlab.attacks.refool import Refool, blend_reflections, reflection_kernels
 from bdlab.errors import ConfigError
-from tests.conftest import make_splits
+from tests.conftest import StubResources, make_splits
 
 
 def one_kernel(kind: int, sigma: float = 1.0, offset: tuple[int, int] = (0, 0), ghost_alpha: float = 0.0,
@@ -72,9 +72,8 @@ def small_splits(channels: int = 1) -> tuple:
 @pytest.mark.parametrize("channels", [1, 3])
 def test_poisoning_is_seeded_dirty_label_and_cached(tmp_path: Path, channels: int) -> None:
     data = small_splits(channels)
-    attack = Refool(poison_rate=0.1, sigma=[1.0, 2.0], ghost_offset=[1, 3], pool_size=20,
-                    cache_dir=str(tmp_path / "cache"))
-    attack.setup(data)
+    attack = Refool(poison_rate=0.1, sigma=[1.0, 2.0], ghost_offset=[1, 3], pool_size=20)
+    attack.setup(data, StubResources(tmp_path / "cache"))
     poisoned = attack.poison_train(data.train)
     index = attack.poison_indices(data.train.labels)
     assert poisoned.is_poison.sum() == 20 and (poisoned.labels[index] == 0).all()

@@ -27,7 +27,7 @@ def test_every_reformation_defense_end_to_end_in_process(tmp_path: Path, tmp_pat
     for name in DEFENSES:
         cfg = compose_config([*TINY_RUN, "attack.patch_size=4", "attack.poison_rate=0.2", f"defense={name}",
                               f"cache_dir={shared_cache(tmp_path_factory)}"])
-        results[name] = execute(prepare(cfg), cfg.cache_dir, tmp_path / name, [])["metrics"]
+        results[name] = execute(prepare(cfg), tmp_path / name, [])["metrics"]
     for name, metrics in results.items():
         assert set(metrics) >= KEYS, name
         assert metrics["defense/ard"] == pytest.approx(metrics["trojan/asr"] - metrics["defense/asr"])
@@ -86,3 +86,27 @@ def test_bad_shrink_exits_2_with_one_line(tmp_path: Path) -> None:
     assert result.returncode == 2 and "defense.size" in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+@pytest.mark.parametrize("option", DEFENSES)
+def test_every_reformation_changes_its_input_the_way_its_transform_says(option: str) -> None:
+    """A defense whose transform returned its input (or another transform's output) fails here."""
+    from hydra.utils import instantiate
+
+    from bdlab.transforms import (color_jitter, down_upsample, gaussian_noise, make_generator, random_flip,
+                                  shrink_pad)
+
+    defense = instantiate(compose_config([f"defense={option}"]).defense)
+    x = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    defense.generator = make_generator(5, "cpu")
+    out = defense.transform(x)
+    reference = {
+        "flip": lambda: random_flip(x, p=1.0),
+        "shrinkpad": lambda: shrink_pad(x, 4, make_generator(5, "cpu")),
+        "gaussian_noise": lambda: gaussian_noise(x, 10 / 255, make_generator(5, "cpu")),
+        "color_jitter": lambda: color_jitter(x, "brightness", 0.2, make_generator(5, "cpu")),
+        "randomized_smoothing": lambda: gaussian_noise(x, 0.25, make_generator(5, "cpu")),
+        "down_upsample": lambda: down_upsample(x, 0.5),
+    }[option]()
+    assert torch.equal(out, reference)
+    assert (out - x).abs().mean() > 0.01  # not the identity

@@ -79,6 +79,16 @@ def test_end_to_end_then_cache_reuse(tmp_path: Path) -> None:
     assert "reusing cached models/clean" in second.stdout + second.stderr
     assert again["metrics"] == metrics
 
+    # a truncated cache entry: one warning line, the model is rebuilt, the figures are the same
+    trojan_entry = Path(again["artifacts"]["trojan_model"]["path"]) / "tensors.safetensors"
+    trojan_entry.write_bytes(trojan_entry.read_bytes()[:1000])
+    third = bdlab_run(tmp_path, "attack.poison_rate=0.2", "attack.patch_size=4", run_dir="three")
+    assert third.returncode == 0, third.stderr[-2000:]
+    warnings = [line for line in (third.stdout + third.stderr).splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and "is corrupt" in warnings[0], warnings
+    rebuilt = json.loads((tmp_path / "three" / "results.json").read_text())
+    assert not rebuilt["artifacts"]["trojan_model"]["reused"] and rebuilt["metrics"] == metrics
+
 
 def test_wandb_offline_logging(tmp_path: Path) -> None:
     result = bdlab_run(tmp_path, "attack=none", "logger=wandb", "trainer.max_epochs=1")
@@ -98,6 +108,33 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path: Path, over
     assert len(errors) == 1 and field in errors[0], result.stderr
     assert not (tmp_path / "run" / "results.json").exists()
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("override, field", [
+    ("trainer.max_epochs=-1", "trainer.max_epochs"),
+    ("trainer.max_epochs=0", "trainer.max_epochs"),
+    ("model.batch_size=0", "model.batch_size"),
+    ("optimizer.lr=-1", "optimizer.lr"),
+    ("seed=abc", "seed"),
+    ("trainer.precision=banana", "trainer.precision"),
+    ("trainer.devices=0", "trainer.devices"),
+    ("trainer.accelerator=quantum", "trainer.accelerator"),
+    ("trainer.strategy=banana", "trainer"),
+    ("scheduler.T_max=abc", "scheduler"),
+    ("optimizer.momentum=-2", "optimizer"),
+])
+def test_a_bad_training_recipe_is_refused_before_anything_is_loaded(override: str, field: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        prepare(compose_config([*TINY_RUN, override]))
+    assert info.value.field == field and "\n" not in str(info.value)
+
+
+def test_a_bad_recipe_on_the_command_line_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    for override in ("trainer.max_epochs=-1", "seed=abc", "trainer.precision=banana"):
+        result = bdlab_run(tmp_path, override)
+        errors = [line for line in result.stderr.splitlines() if line.strip()]
+        assert result.returncode == 2 and len(errors) == 1, result.stderr
+        assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -82,7 +82,7 @@ def test_refool_with_strip_end_to_end(tmp_path: Path, channels: int) -> None:
                           "trainer.max_epochs=3", f"cache_dir={tmp_path / 'cache'}"])
     experiment = prepare(cfg)
     assert experiment.attack.display_name == "refool" and experiment.defense.name == "strip"
-    metrics = execute(experiment, cfg.cache_dir, tmp_path / "run", [])["metrics"]
+    metrics = execute(experiment, tmp_path / "run", [])["metrics"]
     for key in ("tpr", "fpr", "roc_auc", "asr_after_rejection", "acc_cost", "time_per_input_ms", "threshold"):
         assert f"defense/{key}" in metrics
     assert 0.0 <= metrics["defense/roc_auc"] <= 1.0 and 0.0 <= metrics["defense/tpr"] <= 100.0
@@ -98,3 +98,40 @@ def test_bad_strip_input_exits_2_before_training(tmp_path: Path) -> None:
     errors = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and "defense.fpr" in errors[0], result.stderr
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+class TriggerDominated(nn.Module):
+    """Class 0, confidently, whenever the bottom-right pixel is bright (the trigger survives a 50/50
+    mix with any overlay); otherwise a soft prediction that follows the image's brightness."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(1))  # so the model has a device
+
+    def forward(self, x: Tensor) -> Tensor:
+        trigger = (x[:, 0, -1, -1] > 0.45).float()[:, None]
+        mean = x.mean((1, 2, 3))
+        soft = 3 * torch.stack([mean, 1 - mean, 0.5 * torch.ones_like(mean)], 1)
+        return trigger * torch.tensor([30.0, 0.0, 0.0]) + (1 - trigger) * soft
+
+
+def test_strip_scores_triggered_inputs_as_more_suspicious() -> None:
+    from bdlab.attacks.badnets import BadNets
+    from bdlab.context import RunContext
+    from bdlab.evaluate import Evaluation
+    from tests.conftest import make_splits
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 100, (60, 1, 8, 8), dtype=torch.uint8, generator=generator)
+    data = make_splits(images, torch.arange(60) % 3, num_classes=3)
+    attack = BadNets(patch_size=1)
+    attack.setup(data)
+    model = TriggerDominated()
+    context = RunContext(None, data, attack, model, model, None, attack.poison_test(data.test), Path("."),
+                         torch.device("cpu"), lambda *_: model, Evaluation())
+    defense = STRIP(num_overlays=16)
+    clean_scores = defense.scores(context, data.test.images)
+    triggered_scores = defense.scores(context, attack.stamp(data.test.images))
+    # a trigger that dominates every mixture keeps the entropy near 0: the score (-entropy) is the highest
+    assert triggered_scores.min() > clean_scores.max()
+    assert triggered_scores.max() <= 0.0 and triggered_scores.min() > -0.01

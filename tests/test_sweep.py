@@ -52,16 +52,19 @@ def test_failing_cells_are_recorded_and_the_grid_goes_on(tiny_sweep: tuple[Path,
     for cell in CELLS:
         failed = found[f"{cell}/0"]
         assert failed["status"] == "failed" and failed["metrics"] == {}
-        assert failed["error"]["type"] == "ValueError" and "batch_size must be >= 1" in failed["error"]["message"]
+        assert failed["error"]["type"] == "ConfigError"
+        assert failed["error"]["message"] == "model.batch_size: got 0, must be >= 1"
         assert "Traceback" in failed["error"]["traceback"] and failed["config"]["model"]["batch_size"] == 0
     assert "cells 6 failed, 6 ok" in done.stdout
 
 
 def test_single_run_failure_exits_nonzero_and_records_it(tmp_path: Path) -> None:
-    done = bdlab_run(tmp_path, "model.batch_size=0")
+    done = bdlab_run(tmp_path, "optimizer._target_=tests.failing.DivergingSGD")
     assert done.returncode == 1
     payload = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert payload["status"] == "failed" and payload["attack"] == "badnets" and payload["error"]["type"] == "ValueError"
+    assert payload["status"] == "failed" and payload["attack"] == "badnets"
+    assert payload["error"]["type"] == "RuntimeError"
+    assert "training diverged" in payload["error"]["message"] and "Traceback" in payload["error"]["traceback"]
 
 
 def sweep_config(*overrides: str) -> DictConfig:

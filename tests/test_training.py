@@ -5,9 +5,11 @@ from __future__ import annotations
 import torch
 
 from bdlab.compose import compose_config
-from bdlab.pipeline import attack_metrics, prepare
-from bdlab.training.augment import random_crop, random_hflip
+from bdlab.evaluate import evaluate
+from bdlab.pipeline import prepare
+from bdlab.training.augment import random_crop
 from bdlab.training.fit import fit_classifier
+from bdlab.transforms import random_flip
 from bdlab.training.loader import TensorBatches
 from tests.conftest import TINY_RUN
 
@@ -15,17 +17,17 @@ from tests.conftest import TINY_RUN
 def test_batches_cover_each_sample_once_per_epoch_and_are_seeded() -> None:
     images, labels = torch.zeros(103, 1, 2, 2, dtype=torch.uint8), torch.arange(103)
     loader = TensorBatches(images, labels, batch_size=10, seed=4)
-    first = torch.cat([y for _, y in loader])
-    second = torch.cat([y for _, y in loader])
+    first = torch.cat([y for _, y, _ in loader])
+    second = torch.cat([y for _, y, _ in loader])
     assert len(loader) == 11 and sorted(first.tolist()) == list(range(103))
     assert not torch.equal(first, second)
-    assert torch.equal(first, torch.cat([y for _, y in TensorBatches(images, labels, 10, seed=4)]))
+    assert torch.equal(first, torch.cat([y for _, y, _ in TensorBatches(images, labels, 10, seed=4)]))
 
 
 def test_sharding_is_disjoint() -> None:
     images, labels = torch.zeros(40, 1, 2, 2, dtype=torch.uint8), torch.arange(40)
     shards = [TensorBatches(images, labels, 7, seed=1, rank=r, world_size=2) for r in range(2)]
-    seen = [set(torch.cat([y for _, y in s]).tolist()) for s in shards]
+    seen = [set(torch.cat([y for _, y, _ in s]).tolist()) for s in shards]
     assert len(seen[0]) == len(seen[1]) == 20 and not seen[0] & seen[1]
 
 
@@ -46,7 +48,7 @@ def test_random_crop_is_a_shifted_window_per_sample() -> None:
 
 def test_hflip_mirrors_some_samples() -> None:
     x = torch.rand(64, 1, 3, 3)
-    out = random_hflip(x)
+    out = random_flip(x)
     flipped = [torch.equal(out[i], x[i].flip(-1)) for i in range(64)]
     kept = [torch.equal(out[i], x[i]) for i in range(64)]
     assert all(f or k for f, k in zip(flipped, kept)) and 10 < sum(flipped) < 54
@@ -57,6 +59,5 @@ def test_lenet_learns_synthetic_data_to_95_percent() -> None:
                           "dataset.train_size=2000", "trainer.max_epochs=4"])
     experiment = prepare(cfg)
     model = experiment.new_model()
-    fit_classifier(model, experiment.data.train, cfg)
-    metrics = attack_metrics(model, experiment.data, experiment.attack, None, "clean")
-    assert metrics["clean/acc"] >= 95.0
+    fit_classifier(model, experiment.data.train, experiment.recipe)
+    assert evaluate(model, experiment.data.test, None, 0).acc >= 95.0

@@ -20,6 +20,8 @@ class Analysis(ABC):
     """
 
     name = "analysis"
+    #: (results.json key, title) of the metrics the report draws tables of (analyses write their own files)
+    headline_metrics: tuple[tuple[str, str], ...] = ()
 
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
         """Validate against the dataset and attack."""

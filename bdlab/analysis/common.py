@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,15 +14,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from bdlab.attacks.base import Attack, MaskPatternAttack  # noqa: E402
+from bdlab.attacks.base import Attack, MaskPatternAttack, blend  # noqa: E402
 from bdlab.context import RunContext  # noqa: E402
 from bdlab.datasets.base import ImageSet  # noqa: E402
 from bdlab.errors import ConfigError  # noqa: E402
-from bdlab.evaluate import predict_logits  # noqa: E402
+from bdlab.evaluate import Evaluation, Transform, evaluate  # noqa: E402
 from bdlab.metrics import percent
-
-Transform = Callable[[Tensor], Tensor]
-
 
 def require_trigger(field: str, attack: Attack, local: bool = False) -> None:
     """Refuse attacks without a mask-and-pattern trigger (``local``: one that leaves some pixels untouched)."""
@@ -42,11 +39,9 @@ def evaluation_images(context: RunContext, max_images: int) -> tuple[ImageSet, I
 
 
 def stamp_layers(mask: Tensor, pattern: Tensor) -> Transform:
-    """``x -> x + m (p - x)`` for a (possibly transformed) trigger mask ``(1, H, W)`` and pattern ``(C, H, W)``."""
-    def stamp(x: Tensor) -> Tensor:
-        m, p = mask.to(x.device, x.dtype), pattern.to(x.device, x.dtype)
-        return x + m * (p - x)
-    return stamp
+    """The attack's own stamping (:func:`~bdlab.attacks.base.blend`) with a (possibly transformed)
+    trigger mask ``(1, H, W)`` and pattern ``(C, H, W)``."""
+    return lambda x: blend(x, mask, pattern)
 
 
 def trigger_centre(mask: Tensor) -> tuple[float, float]:
@@ -55,9 +50,11 @@ def trigger_centre(mask: Tensor) -> tuple[float, float]:
     return ((cols.min() + cols.max() + 1).item() / 2, (rows.min() + rows.max() + 1).item() / 2)
 
 
-def predictions(context: RunContext, images: Tensor, transform: Transform | None = None) -> Tensor:
-    """Top-1 predictions of the trojaned model on uint8 ``images`` through ``transform``."""
-    return predict_logits(context.trojan_model, images, transform).argmax(1)
+def on_trojan(context: RunContext, clean: ImageSet | None, triggered: ImageSet | None,
+              transform: Transform | None = None) -> Evaluation:
+    """The evaluator on the trojaned model: ACC of ``clean`` and ASR of ``triggered`` inputs, each
+    through ``transform``; the logits give the predictions the error rates need."""
+    return evaluate(context.trojan_model, clean, triggered, context.attack.target_class, transform)
 
 
 def error_rate(transformed: Tensor, clean: Tensor, poisoned: Tensor, labels: Tensor, target: int) -> float:

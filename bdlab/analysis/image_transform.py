@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from bdlab.analysis.common import error_rate, evaluation_images, predictions
+from bdlab.analysis.common import error_rate, evaluation_images, on_trojan
 from bdlab.analysis.transform_study import TransformStudy, run_study
 from bdlab.attacks.base import Attack, NoAttack
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import ConfigError
-from bdlab.metrics import percent
 from bdlab.transforms import rotate, scale, translate_wrap
 
 
@@ -36,7 +35,10 @@ class ImageTransform(TransformStudy):
     """
 
     name = "image_transform"
-    default_scales = (0.8, 0.9, 1.0, 1.1, 1.2)
+
+    def __init__(self, radii: list[int] = (1, 2, 3), points: int = 8, scales: list[float] = (0.8, 0.9, 1.0, 1.1, 1.2),
+                 angles: list[float] = (0, 15, 30, 45, 60, 75, 90), max_images: int = 1000) -> None:
+        super().__init__(radii, points, scales, angles, max_images)
 
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
         field = f"analysis.{self.name}"
@@ -49,16 +51,13 @@ class ImageTransform(TransformStudy):
     def run(self, context: RunContext) -> dict[str, Any]:
         target = context.attack.target_class
         clean, poisoned = evaluation_images(context, self.max_images)
-        clean_pred = predictions(context, clean.images)
-        poisoned_pred = predictions(context, poisoned.images)
-        asr_before = percent(poisoned_pred == target)
+        before = on_trojan(context, clean, poisoned)
+        clean_pred, poisoned_pred = before.clean_logits.argmax(1), before.poisoned_logits.argmax(1)
 
         def measure(kind, parameter, transform, point) -> list[float]:
-            predicted = predictions(context, poisoned.images, transform)
-            asr = percent(predicted == target)
-            acc = percent(predictions(context, clean.images, transform) == clean.labels)
-            errors = error_rate(predicted, clean_pred, poisoned_pred, poisoned.labels, target)
-            return [asr, acc, asr_before - asr, errors]
+            after = on_trojan(context, clean, poisoned, transform)
+            errors = error_rate(after.poisoned_logits.argmax(1), clean_pred, poisoned_pred, poisoned.labels, target)
+            return [after.asr, after.acc, before.asr - after.asr, errors]
 
         return run_study(context, self.name, self.radii, self.points, self.scales, self.angles,
                          ["asr", "acc", "asr_drop", "error_rate"], measure,

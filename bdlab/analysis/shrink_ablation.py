@@ -7,12 +7,11 @@ from typing import Any
 import matplotlib.pyplot as plt
 
 from bdlab.analysis.base import Analysis
-from bdlab.analysis.common import predictions, save_figure, write_table
+from bdlab.analysis.common import on_trojan, save_figure, write_table
 from bdlab.attacks.base import Attack, NoAttack
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import ConfigError
-from bdlab.metrics import percent
 from bdlab.transforms import check_shrink, make_generator, shrink_pad
 
 
@@ -43,12 +42,12 @@ class ShrinkAblation(Analysis):
 
     def run(self, context: RunContext) -> dict[str, Any]:
         rows, metrics = [], {}
-        target = context.attack.target_class
         for size in self.sizes:
             generator = make_generator(self.seed, context.device)
             transform = lambda x, s=size: shrink_pad(x, s, generator)  # noqa: E731
-            asr = percent(predictions(context, context.poisoned_test.images, transform) == target)
-            acc = percent(predictions(context, context.data.test.images, transform) == context.data.test.labels)
+            # poisoned inputs first, then clean ones, through the same stream of random offsets
+            asr = on_trojan(context, None, context.poisoned_test, transform).asr
+            acc = on_trojan(context, context.data.test, None, transform).acc
             rows.append([size, asr, acc])
             metrics[f"analysis/{self.name}/asr_s{size}"] = asr
             metrics[f"analysis/{self.name}/acc_s{size}"] = acc

@@ -75,15 +75,13 @@ def run_study(context: RunContext, name: str, radii: list[int], points: int, sca
 
 class TransformStudy(Analysis):
     """The fields both transformation studies share: translation radii with ``points`` per circle,
-    scale factors (``default_scales`` when none are given), rotation angles, and the number of
-    test images evaluated."""
+    scale factors (each study gives its own default), rotation angles, and the number of test
+    images evaluated."""
 
-    default_scales: tuple[float, ...] = (0.8, 1.0, 1.2)
-
-    def __init__(self, radii: list[int] = (1, 2, 3), points: int = 8, scales: list[float] | None = None,
+    def __init__(self, radii: list[int] = (1, 2, 3), points: int = 8, scales: list[float] = (0.8, 1.0, 1.2),
                  angles: list[float] = (0, 15, 30, 45, 60, 75, 90), max_images: int = 1000) -> None:
         self.radii, self.points = [int(r) for r in radii], int(points)
-        self.scales = [float(s) for s in (self.default_scales if scales is None else scales)]
+        self.scales = [float(s) for s in scales]
         self.angles = [float(a) for a in angles]
         self.max_images = int(max_images)
         check_study(f"analysis.{self.name}", self.radii, self.points, self.scales, self.angles)

@@ -8,13 +8,12 @@ import matplotlib.pyplot as plt
 import torch
 
 from bdlab.analysis.base import Analysis
-from bdlab.analysis.common import (evaluation_images, predictions, require_trigger, save_figure, stamp_layers,
+from bdlab.analysis.common import (evaluation_images, on_trojan, require_trigger, save_figure, stamp_layers,
                                    write_table)
 from bdlab.attacks.base import Attack
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import ConfigError
-from bdlab.metrics import percent
 
 
 class TriggerAppearance(Analysis):
@@ -50,7 +49,7 @@ class TriggerAppearance(Analysis):
         rows, metrics = [], {}
         for value in values:
             varied = torch.where(inside, torch.full_like(pattern, value / 255), pattern)
-            asr = percent(predictions(context, clean.images, stamp_layers(mask, varied)) == attack.target_class)
+            asr = on_trojan(context, None, clean, stamp_layers(mask, varied)).asr
             rows.append([value, asr])
             metrics[f"analysis/{self.name}/asr_v{value}"] = asr
         write_table(context, self.name, f"{self.name}.csv", ["value", "asr"], rows)

@@ -8,13 +8,12 @@ import matplotlib.pyplot as plt
 import torch
 
 from bdlab.analysis.base import Analysis
-from bdlab.analysis.common import (evaluation_images, predictions, require_trigger, save_figure, stamp_layers,
+from bdlab.analysis.common import (evaluation_images, on_trojan, require_trigger, save_figure, stamp_layers,
                                    write_table)
 from bdlab.attacks.base import Attack
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import ConfigError
-from bdlab.metrics import percent
 from bdlab.transforms import translate_fill
 
 
@@ -57,7 +56,7 @@ class TriggerLocation(Analysis):
             for col in range(box_w - 1, width, self.stride):
                 dy, dx = row - bottom, col - right
                 stamp = stamp_layers(translate_fill(mask, dy, dx), translate_fill(pattern, dy, dx))
-                asr = percent(predictions(context, clean.images, stamp) == attack.target_class)
+                asr = on_trojan(context, None, clean, stamp).asr
                 heat[row, col] = asr
                 table.append([row, col, asr])
         write_table(context, self.name, f"{self.name}.csv", ["row", "col", "asr"], table)

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from bdlab.analysis.common import (error_rate, evaluation_images, predictions, require_trigger, stamp_layers,
+from bdlab.analysis.common import (error_rate, evaluation_images, on_trojan, require_trigger, stamp_layers,
                                    trigger_centre)
 from bdlab.analysis.transform_study import TransformStudy, run_study
 from bdlab.attacks.base import Attack
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import ConfigError
-from bdlab.metrics import percent
 from bdlab.transforms import rotate, scale, translate_fill
 
 
@@ -54,15 +53,16 @@ class TriggerTransform(TransformStudy):
         clean, _ = evaluation_images(context, self.max_images)
         mask, pattern = attack.mask, attack.pattern
         centre = trigger_centre(mask)
-        clean_pred = predictions(context, clean.images)
-        poisoned_pred = predictions(context, clean.images, stamp_layers(mask, pattern))
+        clean_pred = on_trojan(context, clean, None).clean_logits.argmax(1)
+        poisoned_pred = on_trojan(context, None, clean, stamp_layers(mask, pattern)).poisoned_logits.argmax(1)
 
         def layers(op):
             return stamp_layers(op(mask[None])[0], op(pattern[None])[0])
 
         def measure(kind, parameter, stamp, point) -> list[float]:
-            predicted = predictions(context, clean.images, stamp)
-            return [percent(predicted == target), error_rate(predicted, clean_pred, poisoned_pred, clean.labels, target)]
+            outcome = on_trojan(context, None, clean, stamp)
+            predicted = outcome.poisoned_logits.argmax(1)
+            return [outcome.asr, error_rate(predicted, clean_pred, poisoned_pred, clean.labels, target)]
 
         return run_study(context, self.name, self.radii, self.points, self.scales, self.angles,
                          ["asr", "error_rate"], measure,

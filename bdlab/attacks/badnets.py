@@ -6,12 +6,14 @@ from typing import Any
 
 import torch
 
-from bdlab.attacks.base import MaskPatternAttack
+from bdlab.attacks.base import MaskPatternAttack, Resources
 from bdlab.attacks.patterns import load_pattern
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import ConfigError, check_range
 
 _CORNERS = {"bottom_right", "bottom_left", "top_right", "top_left"}
+# the ShrinkPad paper's 3x3 black-white square (Tables 1-2), shipped under conf/
+CHECKERBOARD = "experiment/checkerboard3.png"
 
 
 class BadNets(MaskPatternAttack):
@@ -69,8 +71,8 @@ class BadNets(MaskPatternAttack):
             raise ConfigError("attack.position", f"got {self.position}, a position is [row, col]")
         return int(self.position[0]), int(self.position[1])
 
-    def setup(self, data: DatasetSplits) -> None:
-        super().setup(data)
+    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
+        super().setup(data, resources)
         channels, (ih, iw) = data.channels, data.size
         patch = self._patch(channels)
         ph, pw = patch.shape[1:]
@@ -87,18 +89,30 @@ class BadNets(MaskPatternAttack):
         self.pattern[:, row:row + ph, col:col + pw] = patch
 
 
+class BadNetsCheckerboard(BadNets):
+    """BadNets with the ShrinkPad paper's 3x3 black-white square (Tables 1-2) as the patch instead of
+    a plain colour: ``pattern_file`` defaults to ``experiment/checkerboard3.png``; every other field
+    and default is :class:`BadNets`'."""
+
+    name = "badnets_checkerboard"
+
+    def __init__(self, pattern_file: str | None = CHECKERBOARD, **kwargs: Any) -> None:
+        super().__init__(pattern_file=pattern_file, **kwargs)
+
+
 class BlendedPatch(BadNets):
     """The ShrinkPad paper's "Blended Attack" (Appendix B; Chen et al.'s blended strategy on a local
     patch): BadNets' patch mixed in with opacity ``alpha``, ``x' = (1 - alpha) x + alpha patch`` inside
     the patch's box (alpha in {0, 0.2} over the image, the paper's).
 
-    Defaults as in the paper's Tables 1-2: ``alpha`` 0.2, poisoning rate 0.2; the patch is
-    BadNets' (set ``pattern_file=experiment/checkerboard3.png`` for the paper's 3x3 black-white
-    square). Unlike :class:`~bdlab.attacks.blended.Blended`, the trigger stays local, so it moves
+    Defaults as in the paper's Tables 1-2: ``alpha`` 0.2, poisoning rate 0.2, the paper's 3x3
+    black-white square (``pattern_file=experiment/checkerboard3.png``; null gives BadNets' plain
+    ``color`` patch). Unlike :class:`~bdlab.attacks.blended.Blended`, the trigger stays local, so it moves
     and shrinks with spatial transformations the way the paper studies.
     """
 
     name = "blended_patch"
 
-    def __init__(self, alpha: float = 0.2, poison_rate: float = 0.2, **kwargs: Any) -> None:
-        super().__init__(alpha=alpha, poison_rate=poison_rate, **kwargs)
+    def __init__(self, alpha: float = 0.2, poison_rate: float = 0.2,
+                 pattern_file: str | None = CHECKERBOARD, **kwargs: Any) -> None:
+        super().__init__(alpha=alpha, poison_rate=poison_rate, pattern_file=pattern_file, **kwargs)

@@ -1,16 +1,24 @@
-"""The attack base class: seeded poison indices, batched stamping, relabelling, poisoned sets."""
+"""The attack base class: seeded poison indices, batched stamping, relabelling, poisoned sets, and the
+seams through which an attack changes training (DESIGN.md "Seams")."""
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
+import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float, to_uint8
 from bdlab.errors import ConfigError, check_range
+from bdlab.training.hooks import TrainingHooks
+from bdlab.training.loader import TensorBatches
+from bdlab.training.recipe import TrainingRecipe
+from bdlab.training.victim import BatchTransform, CoOptimisationModule, VictimModule
 from bdlab.transforms import check_shrink, random_flip, random_shrink_pad
 
 if TYPE_CHECKING:
@@ -18,6 +26,24 @@ if TYPE_CHECKING:
     from bdlab.models.classifier import Classifier
 
 STAMP_CHUNK = 4096
+
+
+def map_batches(function: Callable[[Tensor, slice], Tensor], images: Tensor,
+                device: torch.device | str = "cpu", chunk: int = STAMP_CHUNK) -> Tensor:
+    """``function`` over uint8 ``images`` in chunks on ``device``: it gets each chunk as float in
+    ``[0, 1]`` with its slice of the set and returns float images; the result is uint8 on the
+    input's device. Every attack that stamps or perturbs a whole set goes through here."""
+    out = torch.empty_like(images)
+    for start in range(0, len(images), chunk):
+        part = slice(start, start + chunk)
+        out[part] = to_uint8(function(to_float(images[part].to(device)), part)).to(images.device)
+    return out
+
+
+def blend(x: Tensor, mask: Tensor, pattern: Tensor) -> Tensor:
+    """The mask-and-pattern trigger ``x' = (1 - m) x + m p`` (TrojanZoo Eq. 1 with ``m`` the opacity)."""
+    mask, pattern = mask.to(x.device, x.dtype), pattern.to(x.device, x.dtype)
+    return x + mask * (pattern - x)
 
 
 @dataclass(frozen=True)
@@ -32,17 +58,22 @@ class PoisonedSet(ImageSet):
             raise ValueError("is_poison must be a bool tensor with one flag per image")
 
 
-class CleanModels(Protocol):
-    """Clean models of the run's data and recipe trained with other seeds (surrogate ensembles)."""
+class Resources(Protocol):
+    """What a run shares with its attack, handed over at :meth:`Attack.setup`: the artifact cache,
+    the device, and the clean models of the run's data and recipe (the reference model, or one
+    trained with another seed), each from the cache or trained on first use."""
 
-    def key(self, seed: int) -> str:
-        """The cache key of the clean model trained with ``seed`` (cheap: nothing is loaded)."""
+    cache: ArtifactCache
+    device: torch.device
 
-    def model(self, seed: int) -> Classifier:
-        """The clean model trained with ``seed``, from the cache or trained on first use and stored."""
+    def clean_key(self, seed: int | None = None) -> str:
+        """The cache key of the clean model of ``seed`` (default: the run's); loads nothing."""
+
+    def clean_model(self, seed: int | None = None) -> Classifier:
+        """The clean model of ``seed`` (default: the run's reference model), in eval mode on the device."""
 
 
-class Attack(ABC):
+class Attack(TrainingHooks, ABC):
     """Base of every attack (TrojanZoo's taxonomy; DESIGN.md "Attack").
 
     Args:
@@ -59,13 +90,23 @@ class Attack(ABC):
         enhance_max_shrink: the enhancement's maximal shrink size in pixels (default 4, the paper's).
 
     Subclasses build their trigger in :meth:`setup` (which sees the dataset's shape) and
-    stamp float batches in ``[0, 1]`` in :meth:`apply`, vectorised, on any device.
+    stamp float batches in ``[0, 1]`` in :meth:`apply`, vectorised, on any device. An attack
+    that changes training overrides the :class:`~bdlab.training.hooks.TrainingHooks` it needs,
+    or :meth:`training_module` altogether; state it learns goes in :meth:`state_dict`, which
+    the pipeline stores with the trojaned model and restores on a cache hit before the poisoned
+    test set is built.
     """
 
     name = "attack"
     clean_label = False
-    # True for attacks that craft their poisons on the clean reference model (use_clean_model)
-    needs_clean_model = False
+    #: poisoned training images are stamped per batch during training (the trigger changes), not once
+    stamps_per_batch = False
+    #: (results.json key, title) of the metrics the report shows for every attack
+    headline_metrics: tuple[tuple[str, str], ...] = (
+        ("trojan/acc", "ACC of the trojaned model (%)"),
+        ("trojan/asr", "ASR (%)"),
+        ("attack/cad", "CAD of the attack (clean ACC - trojaned ACC, points)"),
+    )
 
     def __init__(self, poison_rate: float = 0.1, target_class: int = 0, seed: int = 0, enhance: bool = False,
                  enhance_max_shrink: int = 4) -> None:
@@ -77,15 +118,27 @@ class Attack(ABC):
         self.seed = seed
         self.enhance = bool(enhance)
         self.enhance_max_shrink = int(enhance_max_shrink)
+        self._resources: Resources | None = None
 
-    def setup(self, data: DatasetSplits) -> None:
-        """Validate against the dataset and build the trigger; raises ConfigError before any training."""
+    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
+        """Validate against the dataset and build the trigger; raises ConfigError before any training.
+
+        ``resources`` (the run's cache, device and clean models) are kept for the attack's later
+        steps; nothing is trained or loaded here."""
+        self._resources = resources
         if not 0 <= self.target_class < data.num_classes:
             raise ConfigError("attack.target_class", f"got {self.target_class}, must be in [0, {data.num_classes - 1}] "
                               f"for {data.name}")
         if self.enhance:
             check_shrink("attack.enhance_max_shrink", self.enhance_max_shrink, data.size)
         self.poison_indices(data.train.labels)  # checks the rate leaves enough candidates
+
+    @property
+    def resources(self) -> Resources:
+        """The run's resources given to :meth:`setup`."""
+        if self._resources is None:
+            raise RuntimeError(f"attack {self.name!r} needs the run's resources: pass them to setup(data, resources)")
+        return self._resources
 
     @abstractmethod
     def apply(self, x: Tensor) -> Tensor:
@@ -97,23 +150,22 @@ class Attack(ABC):
         return f"{self.name}+" if self.enhance else self.name
 
     def train_transform(self, x: Tensor) -> Tensor:
-        """A batched transform applied to *every* training image of the trojaned model, after the
-        dataset's augmentation: the enhancement's random flip + random ShrinkPad when ``enhance``
-        is set (the global RNG, seeded by the training recipe, draws it), identity otherwise."""
+        """The enhancement's random flip + random ShrinkPad on every training image of the trojaned
+        model, after the dataset's augmentation, when ``enhance`` is set (the global RNG, seeded by
+        the training recipe, draws it); identity otherwise."""
         if not self.enhance:
             return x
         return random_shrink_pad(random_flip(x), self.enhance_max_shrink)
 
-    def use_clean_model(self, model: Classifier, cache: ArtifactCache, model_key: str,
-                        other_seeds: CleanModels | None = None) -> None:
-        """Called by the pipeline before poisoning with the clean reference model (same data, recipe
-        and seed), the artifact cache, that model's cache key and ``other_seeds``, the clean models
-        of other training seeds. Attacks that craft their poisons on clean surrogates
-        (label-consistent) keep them; the others ignore the call."""
-
     @property
     def trigger_mask(self) -> Tensor | None:
-        """``(H, W)`` bool mask of the pixels the trigger may change, or None for image-wide triggers."""
+        """``(H, W)`` bool mask of the pixels the trigger changes (all of them for image-wide blends), or
+        None for triggers that are not one fixed set of pixels (per-sample or randomly placed)."""
+        return None
+
+    @property
+    def trigger_pattern(self) -> Tensor | None:
+        """``(C, H, W)`` pixel values in ``[0, 1]`` the trigger writes inside :attr:`trigger_mask`, or None."""
         return None
 
     def poison_indices(self, labels: Tensor) -> Tensor:
@@ -136,48 +188,105 @@ class Attack(ABC):
 
     def stamp(self, images: Tensor, device: torch.device | str = "cpu") -> Tensor:
         """Stamp uint8 images in chunks on ``device``; returns uint8 on the input's device."""
-        out = torch.empty_like(images)
-        for start in range(0, len(images), STAMP_CHUNK):
-            chunk = images[start:start + STAMP_CHUNK].to(device)
-            out[start:start + STAMP_CHUNK] = to_uint8(self.apply(to_float(chunk))).to(images.device)
-        return out
+        return map_batches(lambda x, _: self.apply(x), images, device)
 
-    def poison_train(self, train: ImageSet, device: torch.device | str = "cpu") -> PoisonedSet:
-        """Replace the poison samples by stamped, relabelled copies (labels kept for clean-label)."""
+    def relabelled(self, train: ImageSet, images: Tensor) -> PoisonedSet:
+        """``images`` with the poison samples' labels set to the target (kept for clean-label) and their flags."""
         index = self.poison_indices(train.labels)
-        images, labels = train.images.clone(), train.labels.clone()
-        images[index] = self.stamp(train.images[index], device)
+        labels = train.labels.clone()
         if not self.clean_label:
             labels[index] = self.target_class
         flags = torch.zeros(len(train), dtype=torch.bool)
         flags[index] = True
         return PoisonedSet(images, labels, flags)
 
+    def poison_train(self, train: ImageSet, device: torch.device | str = "cpu") -> PoisonedSet:
+        """The poisoned training set the attacker hands over: the poison samples replaced by stamped,
+        relabelled copies (labels kept for clean-label), stamped with the current (learned) trigger."""
+        index = self.poison_indices(train.labels)
+        images = train.images.clone()
+        images[index] = self.stamp(train.images[index], device)
+        return self.relabelled(train, images)
+
+    def training_set(self, train: ImageSet, device: torch.device | str = "cpu") -> PoisonedSet:
+        """What the training module gets: :meth:`poison_train`'s set, or, for attacks that stamp per
+        batch, the clean images with the poison samples relabelled and flagged."""
+        if self.stamps_per_batch:
+            return self.relabelled(train, train.images)
+        return self.poison_train(train, device)
+
     def poison_test(self, test: ImageSet, device: torch.device | str = "cpu") -> ImageSet:
         """Stamped copies of the test images whose true label is not the target; labels stay the true ones."""
         keep = (test.labels != self.target_class).nonzero().flatten()
         return ImageSet(self.stamp(test.images[keep], device), test.labels[keep])
+
+    def stamp_training(self, x: Tensor) -> Tensor:
+        """The trigger on the flagged images of a training batch (attacks that stamp per batch)."""
+        return self.apply(x)
+
+    def poison_batch(self, x: Tensor, labels: Tensor, is_poison: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.stamps_per_batch or not bool(is_poison.any()):
+            return x, labels
+        x = x.clone()
+        x[is_poison] = self.stamp_training(x[is_poison])
+        return x, labels
+
+    def model_shell(self, fresh: Classifier) -> Classifier:
+        """The trojaned model's architecture around a freshly initialised classifier (the victim's
+        own by default; an attack that adds modules wraps it). Cached weights are loaded into it."""
+        return fresh
+
+    def initial_model(self, fresh: Classifier) -> Classifier:
+        """The model training starts from: :meth:`model_shell` of the fresh classifier (training
+        from scratch, the default)."""
+        return self.model_shell(fresh)
+
+    def pretrained_copy(self, fresh: Classifier) -> Classifier:
+        """``fresh`` with the clean reference model's weights (for attacks that fine-tune it)."""
+        model = copy.deepcopy(fresh)
+        model.load_state_dict(self.resources.clean_model().state_dict())
+        return model
+
+    def training_module(self, model: Classifier, batches: TensorBatches, recipe: TrainingRecipe,
+                        augment: BatchTransform | None, name: str) -> pl.LightningModule:
+        """The LightningModule that trains the trojaned model: the victim module with this attack's
+        hooks, or the co-optimisation module when the attack has auxiliaries."""
+        module = CoOptimisationModule if self.auxiliaries() else VictimModule
+        return module(model, batches, recipe, augment, hooks=self, name=name)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Tensors the attack learned while poisoning or training (a trigger, a generator), stored in
+        the trojaned model's cache entry; empty for attacks that learn nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore :meth:`state_dict`'s tensors; raises KeyError when one is missing (the pipeline
+        then rebuilds the cache entry instead of misreading it)."""
 
 
 class NoAttack(Attack):
     """No backdoor: the trojaned model is the clean reference and attack metrics are not reported."""
 
     name = "none"
+    headline_metrics = (("trojan/acc", "ACC of the trojaned model (%)"),)
 
     def __init__(self, **_: Any) -> None:
         super().__init__(poison_rate=1.0)
 
-    def setup(self, data: DatasetSplits) -> None:
+    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
         """Nothing to validate: there is no trigger and no poisoned sample."""
+        self._resources = resources
 
     def apply(self, x: Tensor) -> Tensor:
         return x.clone()
 
 
 class MaskPatternAttack(Attack):
-    """An attack whose trigger is ``x' = (1 - m) * x + m * p`` for a fixed mask ``m`` and pattern ``p``.
+    """An attack whose trigger is ``x' = (1 - m) * x + m * p`` for a mask ``m`` and pattern ``p``
+    (TrojanZoo Eq. 1).
 
-    BadNets (``m`` = 1 on a patch) and Blended (``m`` = alpha everywhere) are both of this form.
+    BadNets (``m`` = 1 on a patch) and Blended (``m`` = alpha everywhere) are both of this form,
+    and so are the attacks that learn their pattern (TrojanNN, latent backdoor, IMC).
     Subclasses set ``self.mask`` ``(1, H, W)`` and ``self.pattern`` ``(C, H, W)`` in ``setup``.
     """
 
@@ -185,9 +294,12 @@ class MaskPatternAttack(Attack):
     pattern: Tensor
 
     def apply(self, x: Tensor) -> Tensor:
-        mask = self.mask.to(x.device, x.dtype)
-        return x + mask * (self.pattern.to(x.device, x.dtype) - x)
+        return blend(x, self.mask, self.pattern)
 
     @property
     def trigger_mask(self) -> Tensor:
         return self.mask[0] > 0
+
+    @property
+    def trigger_pattern(self) -> Tensor:
+        return self.pattern

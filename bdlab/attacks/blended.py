@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from bdlab.attacks.base import MaskPatternAttack
+from bdlab.attacks.base import MaskPatternAttack, Resources
 from bdlab.attacks.patterns import load_pattern
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import check_range
@@ -29,8 +29,8 @@ class Blended(MaskPatternAttack):
         self.alpha = alpha
         self.pattern_file = pattern_file
 
-    def setup(self, data: DatasetSplits) -> None:
-        super().setup(data)
+    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
+        super().setup(data, resources)
         channels, (height, width) = data.channels, data.size
         if self.pattern_file is not None:
             self.pattern = load_pattern("attack.pattern_file", self.pattern_file, channels, (height, width))

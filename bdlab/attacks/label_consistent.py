@@ -17,8 +17,8 @@ from bdlab.attacks.adversarial import (
     pgd_untargeted,
     reset_parameters,
 )
-from bdlab.attacks.base import STAMP_CHUNK, CleanModels, MaskPatternAttack, PoisonedSet
-from bdlab.cache import ArtifactCache, spec_hash
+from bdlab.attacks.base import MaskPatternAttack, PoisonedSet, Resources, blend, map_batches
+from bdlab.cache import spec_hash
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float, to_uint8
 from bdlab.errors import ConfigError, check_range
 from bdlab.models.classifier import Classifier
@@ -79,8 +79,8 @@ class LabelConsistent(MaskPatternAttack):
       (one model) to 66.6% (eight) (README, "Label-consistent on MNIST"), but poisons at 0.5 read
       as other digits. At epsilon 0.3 (``experiment=label_consistent_mnist``) it gives 12-31%.
 
-    The clean model (same data, recipe and seed) is handed over by the pipeline through
-    :meth:`use_clean_model`; the perturbed images are computed once and kept as uint8 in the
+    The clean models (same data, recipe; the run's seed and the ensemble's) come from the run's
+    resources given to :meth:`setup`; the perturbed images are computed once and kept as uint8 in the
     artifact cache under ``poisoned/label_consistent``.
 
     Args:
@@ -105,7 +105,6 @@ class LabelConsistent(MaskPatternAttack):
 
     name = "label_consistent"
     clean_label = True
-    needs_clean_model = True
 
     def __init__(self, poison_rate: float = 0.25, amplitude: float = 0.25, test_amplitude: float = 1.0,
                  epsilon: float = 8 / 255, step: float = 2 / 255, iterations: int = 10,
@@ -146,11 +145,9 @@ class LabelConsistent(MaskPatternAttack):
         self.surrogate, self.ensemble_size = surrogate, int(ensemble_size)
         self.adv_epsilon, self.adv_step, self.adv_epochs = float(adv_epsilon), float(adv_step), int(adv_epochs)
         self.adv_lr, self.adv_batch_size, self.adv_init = float(adv_lr), int(adv_batch_size), adv_init
-        self._surrogate: tuple[Classifier, ArtifactCache, str] | None = None
-        self._other_seeds: CleanModels | None = None
 
-    def setup(self, data: DatasetSplits) -> None:
-        super().setup(data)
+    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
+        super().setup(data, resources)
         channels, (height, width) = data.channels, data.size
         size = CORNER_PATTERN.shape[0]
         if height < 2 * size or width < 2 * size:
@@ -166,35 +163,18 @@ class LabelConsistent(MaskPatternAttack):
         self.pattern = pattern[None].expand(channels, height, width).clone()
         self.mask = self.corners * self.test_amplitude  # what apply() (test-time stamping) blends with
 
-    def use_clean_model(self, model: Classifier, cache: ArtifactCache, model_key: str,
-                        other_seeds: CleanModels | None = None) -> None:
-        self._surrogate = (model, cache, model_key)
-        self._other_seeds = other_seeds
-
-    def clean_surrogate(self) -> tuple[Classifier, ArtifactCache, str]:
-        """The clean model, the cache and the clean model's key handed over by :meth:`use_clean_model`."""
-        if self._surrogate is None:
-            raise RuntimeError("label_consistent needs the clean surrogate: the pipeline calls use_clean_model() "
-                               "before poisoning")
-        return self._surrogate
-
-    def other_seeds(self) -> tuple[CleanModels | None, list[int]]:
-        """The clean models of other seeds and the seeds ``seed + 1``, ... the ensemble takes from them."""
-        seeds = [self.seed + offset for offset in range(1, self.ensemble_size)]
-        if seeds and self._other_seeds is None:
-            raise RuntimeError("the ensemble surrogate needs clean models of other seeds: the pipeline hands them "
-                               "over with use_clean_model()")
-        return self._other_seeds, seeds
+    def ensemble_seeds(self) -> list[int]:
+        """The training seeds of the ensemble's members besides the reference model: ``seed + 1``, ..."""
+        return [self.seed + offset for offset in range(1, self.ensemble_size)]
 
     def ensemble_keys(self) -> list[str]:
         """The cache keys of the ensemble's members (the reference model first); loads no model."""
-        models, seeds = self.other_seeds()
-        return [self.clean_surrogate()[2], *(models.key(seed) for seed in seeds)]
+        return [self.resources.clean_key(), *(self.resources.clean_key(seed) for seed in self.ensemble_seeds())]
 
     def ensemble_surrogate(self) -> LogitEnsemble:
         """The ``ensemble_size`` clean models: the reference, then those of seeds ``seed + 1``, ..."""
-        models, seeds = self.other_seeds()
-        return LogitEnsemble([self.clean_surrogate()[0], *(models.model(seed) for seed in seeds)])
+        return LogitEnsemble([self.resources.clean_model(),
+                              *(self.resources.clean_model(seed) for seed in self.ensemble_seeds())])
 
     def robust_spec(self, model_key: str) -> dict[str, Any]:
         """What determines the robust surrogate: the clean model's key and the training settings."""
@@ -204,7 +184,7 @@ class LabelConsistent(MaskPatternAttack):
 
     def robust_surrogate(self, train: ImageSet) -> tuple[Classifier, str]:
         """The adversarially trained surrogate and its cache key (trained on ``train`` once, then cached)."""
-        clean, cache, model_key = self.clean_surrogate()
+        clean, cache, model_key = self.resources.clean_model(), self.resources.cache, self.resources.clean_key()
         device = next(clean.parameters()).device
         robust = copy.deepcopy(clean).cpu()
         spec = self.robust_spec(model_key)
@@ -224,22 +204,18 @@ class LabelConsistent(MaskPatternAttack):
         return robust.to(device).eval(), spec_hash(spec)
 
     def _perturb(self, images: Tensor, labels: Tensor, model: nn.Module) -> Tensor:
-        device = next(model.parameters()).device
-        out = torch.empty_like(images)
-        for start in range(0, len(images), STAMP_CHUNK):
-            x = to_float(images[start:start + STAMP_CHUNK].to(device))
-            y = labels[start:start + STAMP_CHUNK].to(device)
+        def perturb(x: Tensor, part: slice) -> Tensor:
             region = foreground(x, self.foreground_dilation) if self.perturbation_region == "foreground" else None
-            out[start:start + STAMP_CHUNK] = to_uint8(
-                pgd_untargeted(model, x, y, self.epsilon, self.step, self.iterations, region)).cpu()
-        return out
+            return pgd_untargeted(model, x, labels[part].to(x.device), self.epsilon, self.step, self.iterations, region)
+
+        return map_batches(perturb, images, next(model.parameters()).device)
 
     def perturbed(self, images: Tensor, labels: Tensor, train: ImageSet | None = None) -> Tensor:
         """The PGD-perturbed uint8 copies of ``images`` (from the cache when computed before).
 
         ``train`` is the clean training set the robust surrogate learns from (needed only when
         the adversarial surrogate is not cached yet)."""
-        model, cache, model_key = self.clean_surrogate()
+        model_key = self.resources.clean_key()
         spec = {"attack": self.name, "surrogate": model_key, "epsilon": self.epsilon, "step": self.step,
                 "iterations": self.iterations,
                 "images": hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()}
@@ -259,19 +235,16 @@ class LabelConsistent(MaskPatternAttack):
             elif self.surrogate == "ensemble":
                 surrogate = self.ensemble_surrogate()
             else:
-                surrogate = model
+                surrogate = self.resources.clean_model()
             return {"images": self._perturb(images, labels, surrogate)}
 
-        tensors, _ = cache.get_or_build("poisoned/label_consistent", spec, build)
+        tensors, _ = self.resources.cache.get_or_build("poisoned/label_consistent", spec, build)
         return tensors["images"]
 
     def poison_train(self, train: ImageSet, device: torch.device | str = "cpu") -> PoisonedSet:
         """Perturb, then stamp with ``amplitude``, the poisoned target-class images; labels unchanged."""
         index = self.poison_indices(train.labels)
         perturbed = to_float(self.perturbed(train.images[index], train.labels[index], train))
-        mask = self.corners * self.amplitude
         images = train.images.clone()
-        images[index] = to_uint8(perturbed + mask * (self.pattern - perturbed))
-        flags = torch.zeros(len(train), dtype=torch.bool)
-        flags[index] = True
-        return PoisonedSet(images, train.labels.clone(), flags)
+        images[index] = to_uint8(blend(perturbed, self.corners * self.amplitude, self.pattern))
+        return self.relabelled(train, images)

@@ -13,8 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from bdlab.attacks.base import STAMP_CHUNK, Attack
-from bdlab.cache import ArtifactCache
+from bdlab.attacks.base import Attack, Resources, map_batches
 from bdlab.datasets.base import DatasetSplits, to_float, to_uint8
 from bdlab.errors import ConfigError, check_range
 
@@ -131,12 +130,11 @@ class Refool(Attack):
             target class that are not poisoned, since no external photo set exists offline.
         pool_size: number of reflection images in the pool (default 200, Liu et al.'s |R_adv|).
         clean_label: poison target-class images and keep their labels (default false: dirty-label).
-        cache_dir: where poisoned images are stored (the run's ``cache_dir``); null computes them
-            on every run.
         poison_rate, target_class, seed: see :class:`~bdlab.attacks.base.Attack`.
 
     Poisoned images are computed once per image set with a generator seeded by ``seed`` and
-    the set's content, and kept as uint8 in the artifact cache. Test-time poisoning draws its
+    the set's content, and kept as uint8 in the run's artifact cache (the resources given to
+    :meth:`setup`; without them they are computed on every call). Test-time poisoning draws its
     reflections from the same attacker pool, which holds training images (or folder images),
     so it is disjoint from the test images being poisoned. ``apply`` on any other batch draws
     from a generator seeded in ``setup`` and advanced by each call.
@@ -152,7 +150,7 @@ class Refool(Attack):
                  strength: float | list[float] = (0.05, 0.45), sigma: float | list[float] = (1.0, 5.0),
                  ghost_offset: int | list[int] = (3, 8), ghost_alpha: float | list[float] = (0.15, 0.5),
                  gamma: float = 2.2, reflection_dir: str | None = None, pool_size: int = 200,
-                 clean_label: bool = False, cache_dir: str | None = None, **kwargs: Any) -> None:
+                 clean_label: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if reflection_type not in ("mixture", *REFLECTION_TYPES):
             raise ConfigError("attack.reflection_type", f"got {reflection_type!r}, must be one of "
@@ -169,7 +167,6 @@ class Refool(Attack):
         self.reflection_type, self.ghost_rate, self.gamma = reflection_type, ghost_rate, gamma
         self.reflection_dir, self.pool_size = reflection_dir, pool_size
         self.clean_label = clean_label
-        self.cache_dir = cache_dir
         self.pool: Tensor | None = None
 
     @property
@@ -181,8 +178,8 @@ class Refool(Attack):
     def kernel_size(self) -> int:
         return 2 * max(math.ceil(3 * self.sigma[1]), self.ghost_offset[1]) + 1
 
-    def setup(self, data: DatasetSplits) -> None:
-        super().setup(data)
+    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
+        super().setup(data, resources)
         if self.reflection_dir is not None:
             pool = load_reflection_folder(self.reflection_dir, data.channels, data.size)
         else:
@@ -253,13 +250,9 @@ class Refool(Attack):
 
         def build() -> dict[str, Tensor]:
             generator = torch.Generator().manual_seed(self.seed ^ int(digest[:12], 16))
-            out = torch.empty_like(images, device="cpu")
-            for start in range(0, len(images), STAMP_CHUNK):
-                chunk = to_float(images[start:start + STAMP_CHUNK].to(device))
-                out[start:start + STAMP_CHUNK] = to_uint8(self._reflect(chunk, generator)).cpu()
-            return {"images": out}
+            return {"images": map_batches(lambda x, _: self._reflect(x, generator), images.cpu(), device)}
 
-        if self.cache_dir is None:
+        if self._resources is None:
             return build()["images"].to(images.device)
-        tensors, _ = ArtifactCache(self.cache_dir).get_or_build("poisoned/refool", self._spec(digest), build)
+        tensors, _ = self.resources.cache.get_or_build("poisoned/refool", self._spec(digest), build)
         return tensors["images"].to(images.device)

@@ -37,6 +37,9 @@ class CIFAR10(ImageDataset):
 
     name = "cifar10"
     num_classes = 10
+
+    def __init__(self, *args, crop_padding: int = 4, hflip: bool = True, **kwargs) -> None:
+        super().__init__(*args, crop_padding=crop_padding, hflip=hflip, **kwargs)
     url = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
     md5 = "c32a1d4ab5d03f1284b67883e8d87530"
     folder = "cifar-10-batches-bin"

@@ -25,8 +25,8 @@ class GTSRB(ImageDataset):
     name = "gtsrb"
     num_classes = 43
 
-    def __init__(self, *args, size: int = 32, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, size: int = 32, crop_padding: int = 4, **kwargs) -> None:
+        super().__init__(*args, crop_padding=crop_padding, **kwargs)
         if size < 8:
             raise ConfigError("dataset.size", f"got {size}, must be >= 8")
         self.size = size

@@ -23,6 +23,9 @@ class SVHN(ImageDataset):
 
     name = "svhn"
     num_classes = 10
+
+    def __init__(self, *args, crop_padding: int = 4, **kwargs) -> None:
+        super().__init__(*args, crop_padding=crop_padding, **kwargs)
     base_url = "http://ufldl.stanford.edu/housenumbers/"
     files = {"train_32x32.mat": "e26dedcc434d2e4c54c9b2d4a06d8373",
              "test_32x32.mat": "eb5a983be6a315427106f1b164d9cef3"}

@@ -16,6 +16,8 @@ class Defense(ABC):
 
     name = "defense"
     category = "none"
+    #: (results.json key, title) of the metrics the report draws tables of for this defense
+    headline_metrics: tuple[tuple[str, str], ...] = ()
 
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
         """Validate parameters against the dataset and attack; raise ConfigError on bad values."""

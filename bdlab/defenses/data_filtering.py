@@ -16,7 +16,6 @@ evaluated with the input-filtering protocol of :mod:`bdlab.defenses.filtering`.
 
 from __future__ import annotations
 
-import math
 from abc import abstractmethod
 from typing import Any
 
@@ -28,9 +27,9 @@ from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
 from bdlab.defenses.filtering import InputFilteringDefense, roc_auc
 from bdlab.errors import ConfigError
-from bdlab.evaluate import EVAL_BATCH, model_device, predict_logits
-from bdlab.metrics import accuracy, attack_success_rate, percent
-from bdlab.models.classifier import Classifier
+from bdlab.evaluate import EVAL_BATCH, defense_effect, evaluate, model_device
+from bdlab.metrics import percent
+from bdlab.models.classifier import LOGITS, PENULTIMATE, Classifier
 
 MODES = ("train_data", "inference")
 
@@ -42,9 +41,9 @@ def penultimate_features(model: Classifier, images: Tensor, batch_size: int = EV
     device = model_device(model)
     features, predictions = [], []
     for start in range(0, len(images), batch_size):
-        x = to_float(images[start:start + batch_size].to(device))
-        features.append(model.penultimate(x).float().cpu())
-        predictions.append(model(x).argmax(1).cpu())
+        outputs = model.features(to_float(images[start:start + batch_size].to(device)), [PENULTIMATE, LOGITS])
+        features.append(outputs[PENULTIMATE].float().cpu())
+        predictions.append(outputs[LOGITS].argmax(1).cpu())
     return torch.cat(features), torch.cat(predictions)
 
 
@@ -59,6 +58,15 @@ class DataFilteringDefense(InputFilteringDefense):
     """
 
     category = "data_filtering"
+    training_data_metrics = (
+        ("defense/poison_tpr", "Data filtering: TPR on poisoned training samples (%)"),
+        ("defense/poison_fpr", "Data filtering: FPR on clean training samples (%)"),
+        ("defense/poison_roc_auc", "Data filtering: ROC-AUC"),
+        ("defense/acc", "ACC after retraining on the kept samples (%)"),
+        ("defense/asr", "ASR after retraining on the kept samples (%)"),
+        ("defense/ard", "ARD (ASR before - after the defense, points)"),
+        ("defense/cad", "CAD of the defense (ACC before - after, points)"),
+    )
     #: whether :meth:`detect` compares against held-out clean features (see :meth:`clean_reference`)
     needs_clean_reference = False
 
@@ -69,6 +77,8 @@ class DataFilteringDefense(InputFilteringDefense):
         self.mode, self.retrain = mode, retrain
         if mode == "inference":
             self.category = "input_filtering"
+        else:
+            self.headline_metrics = self.training_data_metrics
 
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
         if self.mode == "train_data" and self.retrain and isinstance(attack, NoAttack):
@@ -115,12 +125,6 @@ class DataFilteringDefense(InputFilteringDefense):
         if self.retrain and context.poisoned_test is not None:
             keep = (~flags).nonzero().flatten()
             model = context.retrain(ImageSet(train.images[keep], train.labels[keep]), self.name)
-            acc = accuracy(predict_logits(model, context.data.test.images), context.data.test.labels)
-            asr = attack_success_rate(predict_logits(model, context.poisoned_test.images), context.attack.target_class)
-            metrics.update({
-                "defense/acc": acc,
-                "defense/asr": asr,
-                "defense/ard": context.baseline.get("trojan/asr", math.nan) - asr,
-                "defense/cad": context.baseline.get("trojan/acc", math.nan) - acc,
-            })
+            after = evaluate(model, context.data.test, context.poisoned_test, context.attack.target_class)
+            metrics.update(defense_effect(context.undefended, after))
         return metrics

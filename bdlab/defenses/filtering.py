@@ -35,7 +35,7 @@ from torchmetrics.functional.classification import binary_auroc
 from bdlab.context import RunContext
 from bdlab.defenses.base import Defense
 from bdlab.errors import ConfigError, check_range
-from bdlab.evaluate import predict_logits
+from bdlab.evaluate import evaluate
 from bdlab.metrics import percent
 
 log = logging.getLogger(__name__)
@@ -114,6 +114,11 @@ class InputFilteringDefense(Defense):
     """
 
     category = "input_filtering"
+    headline_metrics = (
+        ("defense/tpr", "Input filtering: TPR at 5% FPR (%)"),
+        ("defense/fpr", "Input filtering: FPR (%)"),
+        ("defense/roc_auc", "Input filtering: ROC-AUC"),
+    )
 
     def __init__(self, fpr: float = 0.05, max_inputs: int | None = None, seed: int = 0) -> None:
         check_range("defense.fpr", fpr, 0.0, 1.0, low_open=True, high_open=True)
@@ -147,7 +152,8 @@ class InputFilteringDefense(Defense):
         poisoned_scores = split[2] if poisoned is not None else None
         threshold = threshold_at_fpr(held_scores, self.fpr)
         clean_flags = clean_scores > threshold
-        clean_correct = predict_logits(model, clean.images).argmax(1) == clean.labels
+        predicted = evaluate(model, clean, poisoned, target)
+        clean_correct = predicted.clean_logits.argmax(1) == clean.labels
         metrics: dict[str, Any] = {
             "defense/threshold": threshold,
             "defense/fpr": percent(clean_flags),
@@ -157,7 +163,7 @@ class InputFilteringDefense(Defense):
         }
         if poisoned is not None:
             poisoned_flags = poisoned_scores > threshold
-            hits = predict_logits(model, poisoned.images).argmax(1) == target
+            hits = predicted.poisoned_logits.argmax(1) == target
             metrics.update({
                 "defense/tpr": percent(poisoned_flags),
                 "defense/roc_auc": roc_auc(clean_scores, poisoned_scores),

@@ -27,8 +27,7 @@ from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
 from bdlab.defenses.base import Defense
 from bdlab.errors import ConfigError, check_range
-from bdlab.evaluate import EVAL_BATCH, model_device, predict_logits
-from bdlab.metrics import accuracy, attack_success_rate, target_confidence, true_class_confidence
+from bdlab.evaluate import EVAL_BATCH, Transform, defense_effect, evaluate, model_device
 from bdlab.models.classifier import Classifier
 from bdlab.transforms import (check_jitter, check_shrink, check_std, color_jitter, down_upsample, gaussian_noise,
                               make_generator, random_flip, shrink_pad)
@@ -42,6 +41,12 @@ class InputReformation(Defense):
     """
 
     category = "input_reformation"
+    headline_metrics = (
+        ("defense/acc", "ACC under the defense (%)"),
+        ("defense/asr", "ASR under the defense (%)"),
+        ("defense/ard", "ARD (ASR before - after the defense, points)"),
+        ("defense/cad", "CAD of the defense (ACC before - after, points)"),
+    )
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -51,31 +56,19 @@ class InputReformation(Defense):
     def transform(self, x: Tensor) -> Tensor:
         """The reformation of a float batch in ``[0, 1]`` (draws from ``self.generator``)."""
 
-    def predict(self, model: Classifier, images: Tensor) -> Tensor:
-        """Logits of the defended model on uint8 ``images``."""
-        return predict_logits(model, images, self.transform)
+    def defended(self, model: Classifier) -> tuple[nn.Module, Transform | None, int]:
+        """The model, input transform and batch size the evaluator runs for the defended model."""
+        return model, self.transform, EVAL_BATCH
 
     def run(self, context: RunContext) -> dict[str, Any]:
-        model, data = context.trojan_model, context.data
-        self.generator = make_generator(self.seed, model_device(model))
+        self.generator = make_generator(self.seed, model_device(context.trojan_model))
+        model, transform, batch_size = self.defended(context.trojan_model)
         started = time.perf_counter()
-        clean_logits = self.predict(model, data.test.images)
-        count = len(data.test)
-        metrics = {"defense/acc": accuracy(clean_logits, data.test.labels),
-                   "defense/ccc": true_class_confidence(clean_logits, data.test.labels)}
-        if context.poisoned_test is not None:
-            poisoned_logits = self.predict(model, context.poisoned_test.images)
-            count += len(context.poisoned_test)
-            metrics["defense/asr"] = attack_success_rate(poisoned_logits, context.attack.target_class)
-            metrics["defense/tmc"] = target_confidence(poisoned_logits, context.attack.target_class)
+        after = evaluate(model, context.data.test, context.poisoned_test, context.attack.target_class, transform,
+                         batch_size)
         elapsed = time.perf_counter() - started
-        base = context.baseline
-        metrics["defense/acc_before"] = base["trojan/acc"]
-        metrics["defense/ccc_before"] = base["trojan/ccc"]
-        metrics["defense/cad"] = base["trojan/acc"] - metrics["defense/acc"]
-        if "defense/asr" in metrics:
-            metrics["defense/asr_before"] = base["trojan/asr"]
-            metrics["defense/ard"] = base["trojan/asr"] - metrics["defense/asr"]
+        count = len(context.data.test) + (len(context.poisoned_test) if context.poisoned_test is not None else 0)
+        metrics = defense_effect(context.undefended, after)
         metrics["defense/time_per_input_ms"] = 1000.0 * elapsed / count
         return metrics
 
@@ -211,8 +204,8 @@ class RandomizedSmoothing(InputReformation):
     def transform(self, x: Tensor) -> Tensor:
         return gaussian_noise(x, self.std, self.generator)
 
-    def predict(self, model: Classifier, images: Tensor) -> Tensor:
-        return predict_logits(_Smoothed(model, self), images, batch_size=max(1, EVAL_BATCH // self.samples))
+    def defended(self, model: Classifier) -> tuple[nn.Module, Transform | None, int]:
+        return _Smoothed(model, self), None, max(1, EVAL_BATCH // self.samples)
 
 
 class _Smoothed(nn.Module):

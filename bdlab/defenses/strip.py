@@ -38,13 +38,16 @@ class STRIP(InputFilteringDefense):
         num_overlays: N clean images per input (default 64, TrojanZoo); at most the size of the
             held-out split.
         batch_size: inputs per forward chunk (each expands to ``N`` mixtures).
-        fpr, max_inputs, seed: see :class:`~bdlab.defenses.filtering.InputFilteringDefense`.
+        max_inputs: clean and poisoned test inputs scored (default 2000, a seeded subset; each costs
+            ``N`` forward passes).
+        fpr, seed: see :class:`~bdlab.defenses.filtering.InputFilteringDefense`.
     """
 
     name = "strip"
 
-    def __init__(self, alpha: float = 0.5, num_overlays: int = 64, batch_size: int = 32, **kwargs) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, alpha: float = 0.5, num_overlays: int = 64, batch_size: int = 32, max_inputs: int | None = 2000,
+                 **kwargs) -> None:
+        super().__init__(max_inputs=max_inputs, **kwargs)
         check_range("defense.alpha", alpha, 0.0, 1.0, low_open=True, high_open=True)
         if num_overlays < 1:
             raise ConfigError("defense.num_overlays", f"got {num_overlays}, must be >= 1")

@@ -1,4 +1,4 @@
-"""The wrapper every victim runs inside: pixel-space input, normalisation, penultimate features."""
+"""The wrapper every victim runs inside: pixel-space input, normalisation, activations of named layers."""
 
 from __future__ import annotations
 
@@ -9,11 +9,18 @@ from torch import Tensor, nn
 
 from bdlab.errors import ConfigError
 
+# names features() takes beside the backbone's own modules
+PENULTIMATE = "penultimate"
+LOGITS = "logits"
+
 
 class Classifier(nn.Module):
     """Takes float images in ``[0, 1]``, normalises them with the dataset's statistics, runs ``net``.
 
     Keeping normalisation here means triggers, transforms and metrics all live in pixel space.
+    Layers are addressed by the backbone's module names (``conv1``, ``layer3``, ``fc2``, ...; see
+    :meth:`layer_names`), plus ``penultimate`` (the flattened input of the last linear layer) and
+    ``logits``.
     """
 
     def __init__(self, net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> None:
@@ -31,15 +38,53 @@ class Classifier(nn.Module):
             raise TypeError("the network has no nn.Linear head to read penultimate features from")
         return linears[-1]
 
+    def layer_names(self) -> list[str]:
+        """Every name :meth:`features` takes: the backbone's named modules, ``penultimate``, ``logits``."""
+        return [name for name, _ in self.net.named_modules() if name] + [PENULTIMATE, LOGITS]
+
+    def check_layer(self, field: str, layer: str) -> None:
+        """Raise one ConfigError line, listing the model's layers, unless ``layer`` names one."""
+        if layer not in self.layer_names():
+            raise ConfigError(field, f"the model has no layer {layer!r}; its layers are: "
+                              f"{', '.join(self.layer_names())}")
+
+    def features(self, x: Tensor, layers: str | Sequence[str]) -> Tensor | dict[str, Tensor]:
+        """Activations of the named layer(s) for float images ``x`` in ``[0, 1]``, in one forward pass.
+
+        One name gives a tensor; a list gives ``{name: tensor}``. Module outputs keep their shape
+        (``(N, C, H, W)`` for convolutions); ``penultimate`` is flattened to ``(N, D)``. Gradients
+        flow through every returned tensor.
+        """
+        names = [layers] if isinstance(layers, str) else list(layers)
+        modules = dict(self.net.named_modules())
+        unknown = [name for name in names if name not in modules and name not in (PENULTIMATE, LOGITS)]
+        if unknown:
+            raise ValueError(f"the model has no layer {unknown[0]!r}; its layers are: {', '.join(self.layer_names())}")
+        captured: dict[str, Tensor] = {}
+        handles = []
+
+        def keep(name: str, from_input: bool) -> Callable:
+            # a clone, so an in-place activation after the layer cannot overwrite what was captured
+            def hook(_module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+                captured[name] = inputs[0].flatten(1) if from_input else output.clone()
+            return hook
+
+        try:
+            for name in names:
+                if name == PENULTIMATE:
+                    handles.append(self.last_linear().register_forward_hook(keep(name, True)))
+                elif name != LOGITS:
+                    handles.append(modules[name].register_forward_hook(keep(name, False)))
+            logits = self(x)
+        finally:
+            for handle in handles:
+                handle.remove()
+        captured[LOGITS] = logits
+        return captured[names[0]] if isinstance(layers, str) else {name: captured[name] for name in names}
+
     def penultimate(self, x: Tensor) -> Tensor:
         """The input of the last linear layer (the features spectral signatures and AC read)."""
-        captured: list[Tensor] = []
-        handle = self.last_linear().register_forward_hook(lambda _m, inputs, _o: captured.append(inputs[0]))
-        try:
-            self(x)
-        finally:
-            handle.remove()
-        return captured[0].flatten(1)
+        return self.features(x, PENULTIMATE)
 
 
 def build_classifier(net_factory: Callable[..., nn.Module], input_shape: tuple[int, int, int], num_classes: int,

@@ -1,7 +1,9 @@
 """CIFAR-style ResNets (He et al., 2016) and PreAct ResNet-18 (He et al., 2016b).
 
 3x3 stem without max-pool, as every backdoor benchmark uses for 32x32 inputs; global average
-pooling makes them accept any input of at least 8x8 pixels.
+pooling makes them accept any input of at least 8x8 pixels. Named layers: ``stem``, ``stem_bn``
+(not in PreAct), the stages ``layer1`` ... ``layer4`` (torchvision's names; ``layer4.1.conv2`` is
+the last convolution), ``final_bn`` (PreAct only) and ``head``.
 """
 
 from __future__ import annotations
@@ -54,13 +56,15 @@ class _ResNet(nn.Module):
         super().__init__()
         self.stem = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
         self.stem_bn = None if preact else nn.BatchNorm2d(width)
-        stages, in_planes = [], width
+        in_planes = width
         for i, blocks in enumerate(layers):
             planes = width * 2 ** i
+            stage = []
             for j in range(blocks):
-                stages.append(block(in_planes, planes, 2 if (j == 0 and i > 0) else 1))
+                stage.append(block(in_planes, planes, 2 if (j == 0 and i > 0) else 1))
                 in_planes = planes
-        self.stages = nn.Sequential(*stages)
+            setattr(self, f"layer{i + 1}", nn.Sequential(*stage))
+        self.num_stages = len(layers)
         self.final_bn = nn.BatchNorm2d(in_planes) if preact else None
         self.head = nn.Linear(in_planes, num_classes)
 
@@ -68,7 +72,8 @@ class _ResNet(nn.Module):
         out = self.stem(x)
         if self.stem_bn is not None:
             out = F.relu(self.stem_bn(out))
-        out = self.stages(out)
+        for i in range(1, self.num_stages + 1):
+            out = getattr(self, f"layer{i}")(out)
         if self.final_bn is not None:
             out = F.relu(self.final_bn(out))
         return self.head(F.adaptive_avg_pool2d(out, 1).flatten(1))

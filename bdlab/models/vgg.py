@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 from torch import Tensor, nn
 
 _CONFIGS = {
@@ -11,17 +13,25 @@ _CONFIGS = {
 
 
 class _VGG(nn.Module):
+    """Named layers: ``features.conv<stage>_<i>`` (with ``bn`` and ``relu`` of the same suffix),
+    ``features.pool<stage>`` and ``head``; ``features.conv5_3`` (VGG-16) or ``conv5_4`` (VGG-19)
+    is the last convolution."""
+
     def __init__(self, depth: int, in_channels: int, num_classes: int) -> None:
         super().__init__()
-        layers: list[nn.Module] = []
-        channels = in_channels
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        channels, stage, index = in_channels, 1, 1
         for item in _CONFIGS[depth]:
             if item == "M":
-                layers.append(nn.MaxPool2d(2))
+                layers[f"pool{stage}"] = nn.MaxPool2d(2)
+                stage, index = stage + 1, 1
             else:
-                layers += [nn.Conv2d(channels, int(item), 3, padding=1), nn.BatchNorm2d(int(item)), nn.ReLU(inplace=True)]
-                channels = int(item)
-        self.features = nn.Sequential(*layers)
+                suffix = f"{stage}_{index}"
+                layers[f"conv{suffix}"] = nn.Conv2d(channels, int(item), 3, padding=1)
+                layers[f"bn{suffix}"] = nn.BatchNorm2d(int(item))
+                layers[f"relu{suffix}"] = nn.ReLU()
+                channels, index = int(item), index + 1
+        self.features = nn.Sequential(layers)
         self.head = nn.Linear(512, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:

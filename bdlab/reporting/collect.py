@@ -22,10 +22,12 @@ class Record:
     model: str
     attack: str
     defense: str
-    seed: int
+    seed: int | None
     metrics: dict[str, Any]
     config: dict[str, Any]
     error: dict[str, Any] | None = None
+    #: (key, title) of the metrics the run's attack, defense and analyses declared for the report's tables
+    headline: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -57,9 +59,11 @@ def read_record(path: Path) -> Record:
     missing = [key for key in REQUIRED if key not in payload]
     if missing:
         raise ValueError(f"not a complete results file (missing {', '.join(missing)})")
+    seed = None if payload["seed"] is None else int(payload["seed"])
+    headline = [(str(key), str(title)) for key, title in payload.get("headline") or []]
     return Record(path, str(payload["status"]), str(payload["dataset"]), str(payload["model"]),
-                  str(payload["attack"]), str(payload["defense"]), int(payload["seed"]), dict(payload["metrics"]),
-                  dict(payload["config"] or {}), payload.get("error"))
+                  str(payload["attack"]), str(payload["defense"]), seed, dict(payload["metrics"]),
+                  dict(payload["config"] or {}), payload.get("error"), headline)
 
 
 def collect(paths: list[Path]) -> Collection:

@@ -118,6 +118,8 @@ class Grid:
     columns: list[str]
     cells: dict[str, dict[tuple[str, str], Cell]]
     runs: dict[tuple[str, str], list[Record]]
+    #: (metric, title) of the tables to draw, as the runs' methods declared them
+    headline: list[tuple[str, str]] = field(default_factory=list)
 
     def cell(self, metric: str, row: str, column: str) -> Cell:
         """The cell, empty when no run reported ``metric`` there."""
@@ -151,8 +153,18 @@ def grids(labelled: list[Labelled]) -> list[Grid]:
                 if (row, column) in metric_cells:
                     metric_cells[row, column].failed = sum(not r.ok for r in records)
                     metric_cells[row, column].runs = len(records)
-        result.append(Grid(setting, rows, columns, dict(cells), dict(runs)))
+        result.append(Grid(setting, rows, columns, dict(cells), dict(runs), declared([i.record for i in items])))
     return result
+
+
+def declared(records: list[Record]) -> list[tuple[str, str]]:
+    """The headline metrics the runs' attacks, defenses and analyses declared, in first-seen order;
+    a results file written before runs declared them contributes its metric keys, titled by key."""
+    titles: dict[str, str] = {}
+    for record in records:
+        for key, title in record.headline or [(key, key) for key in sorted(record.metrics)]:
+            titles.setdefault(key, title)
+    return list(titles.items())
 
 
 def _order(name: str) -> tuple[bool, str]:

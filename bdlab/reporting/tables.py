@@ -9,25 +9,6 @@ from pathlib import Path
 
 from bdlab.reporting.grid import Cell, Grid
 
-# (results.json key, title); a table is drawn for every key some run of the setting reported
-HEADLINE: list[tuple[str, str]] = [
-    ("trojan/acc", "ACC of the trojaned model (%)"),
-    ("trojan/asr", "ASR (%)"),
-    ("attack/cad", "CAD of the attack (clean ACC - trojaned ACC, points)"),
-    ("defense/acc", "ACC under the defense (%)"),
-    ("defense/asr", "ASR under the defense (%)"),
-    ("defense/ard", "ARD (ASR before - after the defense, points)"),
-    ("defense/cad", "CAD of the defense (ACC before - after, points)"),
-    ("defense/tpr", "Input filtering: TPR at 5% FPR (%)"),
-    ("defense/fpr", "Input filtering: FPR (%)"),
-    ("defense/roc_auc", "Input filtering: ROC-AUC"),
-    ("defense/poison_tpr", "Data filtering: TPR on poisoned training samples (%)"),
-    ("defense/poison_fpr", "Data filtering: FPR on clean training samples (%)"),
-    ("defense/poison_roc_auc", "Data filtering: ROC-AUC"),
-    ("defense/anomaly_index", "Model inspection: anomaly index"),
-]
-
-
 def slug(text: str) -> str:
     """A file-name-safe form of a label."""
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
@@ -42,7 +23,8 @@ def show(cell: Cell, ran: bool) -> str:
 
 
 def metrics_of(grid: Grid) -> list[tuple[str, str]]:
-    return [(key, title) for key, title in HEADLINE if key in grid.cells]
+    """The declared headline metrics some run of the grid reported."""
+    return [(key, title) for key, title in grid.headline if key in grid.cells]
 
 
 def markdown_table(grid: Grid, metric: str) -> str:

@@ -6,6 +6,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from bdlab.transforms import random_flip
+
 
 def random_crop(x: Tensor, padding: int, generator: torch.Generator | None = None) -> Tensor:
     """Zero-pad by ``padding`` and crop back at a random offset drawn independently per sample."""
@@ -22,12 +24,6 @@ def random_crop(x: Tensor, padding: int, generator: torch.Generator | None = Non
     return padded[batch, channel, rows, cols]
 
 
-def random_hflip(x: Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
-    """Mirror each sample left-right with probability ``p``."""
-    flip = torch.rand(x.shape[0], device=x.device, generator=generator) < p
-    return torch.where(flip[:, None, None, None], x.flip(-1), x)
-
-
 class TrainAugment:
     """The dataset's augmentation recipe as one callable on float batches."""
 
@@ -36,4 +32,4 @@ class TrainAugment:
 
     def __call__(self, x: Tensor) -> Tensor:
         x = random_crop(x, self.crop_padding)
-        return random_hflip(x) if self.hflip else x
+        return random_flip(x) if self.hflip else x

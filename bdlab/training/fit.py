@@ -1,42 +1,45 @@
-"""Train a classifier with Lightning from the run's config."""
+"""Fit any LightningModule with the run's recipe: precision, devices, progress bar and loggers from Lightning."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import pytorch_lightning as pl
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 
 from bdlab.datasets.base import ImageSet
 from bdlab.models.classifier import Classifier
+from bdlab.training.hooks import TrainingHooks
 from bdlab.training.loader import TensorBatches
+from bdlab.training.recipe import TrainingRecipe
 from bdlab.training.victim import BatchTransform, VictimModule
 
 log = logging.getLogger(__name__)
 
 
-def make_trainer(trainer_cfg: DictConfig, loggers: list[Logger] | bool = False, **overrides: Any) -> pl.Trainer:
-    """A Lightning trainer from the ``trainer`` config group (no checkpoints: the cache stores models)."""
-    kwargs = OmegaConf.to_container(trainer_cfg, resolve=True)
-    kwargs.update(overrides)
-    return pl.Trainer(logger=loggers, enable_checkpointing=False, enable_model_summary=False, **kwargs)
+def training_batches(train: ImageSet, recipe: TrainingRecipe, seed: int) -> TensorBatches:
+    """Shuffled in-memory batches of ``train`` (with its poison flags when it has them), seeded."""
+    return TensorBatches(train.images, train.labels, recipe.batch_size, shuffle=True, seed=seed,
+                         is_poison=getattr(train, "is_poison", None))
 
 
-def fit_classifier(model: Classifier, train: ImageSet, cfg: DictConfig, train_transform: BatchTransform | None = None,
-                   loggers: list[Logger] | bool = False, name: str = "model", seed: int | None = None) -> Classifier:
-    """Train ``model`` in place on ``train`` with the run's recipe (``optimizer``, ``scheduler``,
-    ``model.batch_size``, ``trainer``, ``seed``); ``seed`` overrides the run's (batch order, augmentation)."""
-    seed = int(cfg.seed) if seed is None else int(seed)
+def fit(module: pl.LightningModule, recipe: TrainingRecipe, seed: int, loggers: list[Logger] | bool = False,
+        description: str = "model") -> None:
+    """Train ``module`` with Lightning under the recipe's Trainer arguments, the global RNG seeded by
+    ``seed`` first (augmentation and any per-batch randomness of the hooks draw from it)."""
     pl.seed_everything(seed, workers=True, verbose=False)
-    batches = TensorBatches(train.images, train.labels, int(cfg.model.batch_size), shuffle=True, seed=seed)
-    module = VictimModule(model, batches, optimizer=instantiate(cfg.optimizer),
-                          scheduler=instantiate(cfg.scheduler) if cfg.get("scheduler") else None,
-                          train_transform=train_transform, name=name)
-    trainer = make_trainer(cfg.trainer, loggers)
-    log.info("training the %s model on %d images for %d epochs", name, len(train), trainer.max_epochs)
-    model.train()
+    trainer = recipe.make_trainer(loggers)
+    log.info("training the %s for %d epochs", description, trainer.max_epochs)
     trainer.fit(module)
+
+
+def fit_classifier(model: Classifier, train: ImageSet, recipe: TrainingRecipe, augment: BatchTransform | None = None,
+                   hooks: TrainingHooks | None = None, loggers: list[Logger] | bool = False, name: str = "model",
+                   seed: int | None = None) -> Classifier:
+    """Train ``model`` in place on ``train`` with the victim module; ``seed`` (default: the recipe's)
+    fixes the batch order and the augmentation."""
+    seed = recipe.seed if seed is None else int(seed)
+    module = VictimModule(model, training_batches(train, recipe, seed), recipe, augment, hooks, name)
+    model.train()
+    fit(module, recipe, seed, loggers, f"{name} model on {len(train)} images")
     return model.eval()

@@ -9,17 +9,21 @@ from torch import Tensor
 
 
 class TensorBatches:
-    """An iterable of ``(images, labels)`` batches over tensors held in memory.
+    """An iterable of ``(images, labels, is_poison)`` batches over tensors held in memory.
+
+    ``is_poison`` flags the samples an attack poisons (all False for a clean set), so training
+    hooks can treat them apart (per-batch stamping, extra loss terms).
 
     Shuffles with its own seeded generator (re-seeded per epoch, so runs are reproducible),
     and shards by rank for multi-process training, as a DistributedSampler would.
     """
 
     def __init__(self, images: Tensor, labels: Tensor, batch_size: int, shuffle: bool = True, seed: int = 0,
-                 rank: int = 0, world_size: int = 1) -> None:
+                 rank: int = 0, world_size: int = 1, is_poison: Tensor | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.images, self.labels = images, labels
+        self.is_poison = torch.zeros(len(labels), dtype=torch.bool) if is_poison is None else is_poison
         self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
@@ -40,9 +44,9 @@ class TensorBatches:
         per_rank = len(self.labels) // self.world_size
         return (per_rank + self.batch_size - 1) // self.batch_size
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
         order = self._indices()
         self.epoch += 1
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
-            yield self.images[index], self.labels[index]
+            yield self.images[index], self.labels[index], self.is_poison[index]
