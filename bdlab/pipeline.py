@@ -162,6 +162,9 @@ class RunResources:
     def device(self) -> torch.device:
         return self.experiment.device
 
+    def fresh_model(self) -> Classifier:
+        return self.experiment.new_model()
+
     def clean_spec(self, seed: int | None = None) -> dict[str, Any]:
         spec = model_spec(self.experiment.cfg, with_attack=False)
         return spec if seed is None else {**spec, "seed": int(seed)}
@@ -258,7 +261,7 @@ def poisoned_training_set(experiment: Experiment) -> PoisonedSet:
 
 def execute(experiment: Experiment, output_dir: Path, loggers: list[Logger]) -> dict[str, Any]:
     """Train (or reuse) both models, evaluate, defend; returns the metrics, the artifact records and the
-    poisoned training set (None without an attack)."""
+    poisoned training and test sets (None without an attack)."""
     data, attack, resources = experiment.data, experiment.attack, experiment.resources
     resources.loggers = loggers
     clean_model = resources.clean_model()
@@ -291,7 +294,8 @@ def execute(experiment: Experiment, output_dir: Path, loggers: list[Logger]) -> 
         started = time.perf_counter()
         metrics.update(analysis.run(context))
         experiment.timings[f"analysis_{analysis.name}_s"] = time.perf_counter() - started
-    return {"metrics": metrics, "artifacts": resources.artifacts, "poisoned_train": poisoned_train}
+    return {"metrics": metrics, "artifacts": resources.artifacts, "poisoned_train": poisoned_train,
+            "poisoned_test": poisoned_test}
 
 
 def tensor_digest(images: ImageSet) -> str:

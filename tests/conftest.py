@@ -53,3 +53,8 @@ class StubResources:
         seed = self.run_seed if seed is None else seed
         self.asked.append(seed)
         return self.models[seed]
+
+    def fresh_model(self) -> torch.nn.Module:
+        import copy
+
+        return copy.deepcopy(self.models[self.run_seed])

@@ -130,11 +130,10 @@ def test_a_bad_training_recipe_is_refused_before_anything_is_loaded(override: st
 
 
 def test_a_bad_recipe_on_the_command_line_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    for override in ("trainer.max_epochs=-1", "seed=abc", "trainer.precision=banana"):
-        result = bdlab_run(tmp_path, override)
-        errors = [line for line in result.stderr.splitlines() if line.strip()]
-        assert result.returncode == 2 and len(errors) == 1, result.stderr
-        assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "cache").exists()
+    result = bdlab_run(tmp_path, "trainer.max_epochs=-1")  # Lightning alone would train forever
+    errors = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(errors) == 1 and "trainer.max_epochs" in errors[0], result.stderr
+    assert not (tmp_path / "run" / "results.json").exists() and not (tmp_path / "cache").exists()
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -82,7 +82,7 @@ class BadNets(MaskPatternAttack):
         if row < 0 or col < 0 or row + ph > ih or col + pw > iw:
             raise ConfigError("attack.position", f"patch {ph}x{pw} at row {row}, col {col} lies off the {ih}x{iw} "
                               "image; move it or shrink it")
-        self.origin = (row, col)
+        self.origin, self.patch = (row, col), patch
         self.mask = torch.zeros(1, ih, iw)
         self.mask[:, row:row + ph, col:col + pw] = self.alpha
         self.pattern = torch.zeros(channels, ih, iw)

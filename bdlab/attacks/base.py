@@ -3,7 +3,6 @@ seams through which an attack changes training (DESIGN.md "Seams")."""
 
 from __future__ import annotations
 
-import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,16 @@ if TYPE_CHECKING:
     from bdlab.models.classifier import Classifier
 
 STAMP_CHUNK = 4096
+
+
+INITS = ("clean", "scratch")
+
+
+def check_init(init: str) -> str:
+    """The ``attack.init`` value, or one ConfigError line."""
+    if init not in INITS:
+        raise ConfigError("attack.init", f"got {init!r}, must be one of {', '.join(INITS)}")
+    return init
 
 
 def map_batches(function: Callable[[Tensor, slice], Tensor], images: Tensor,
@@ -72,6 +81,9 @@ class Resources(Protocol):
     def clean_model(self, seed: int | None = None) -> Classifier:
         """The clean model of ``seed`` (default: the run's reference model), in eval mode on the device."""
 
+    def fresh_model(self) -> Classifier:
+        """A freshly initialised classifier of the run's architecture (to check layer names; trains nothing)."""
+
 
 class Attack(TrainingHooks, ABC):
     """Base of every attack (TrojanZoo's taxonomy; DESIGN.md "Attack").
@@ -101,6 +113,9 @@ class Attack(TrainingHooks, ABC):
     clean_label = False
     #: poisoned training images are stamped per batch during training (the trigger changes), not once
     stamps_per_batch = False
+    #: where the trojaned model's training starts: ``scratch`` (fresh weights) or ``clean`` (the clean
+    #: reference's weights, TrojanZoo's retraining of a benign model)
+    init = "scratch"
     #: (results.json key, title) of the metrics the report shows for every attack
     headline_metrics: tuple[tuple[str, str], ...] = (
         ("trojan/acc", "ACC of the trojaned model (%)"),
@@ -237,14 +252,11 @@ class Attack(TrainingHooks, ABC):
         return fresh
 
     def initial_model(self, fresh: Classifier) -> Classifier:
-        """The model training starts from: :meth:`model_shell` of the fresh classifier (training
-        from scratch, the default)."""
-        return self.model_shell(fresh)
-
-    def pretrained_copy(self, fresh: Classifier) -> Classifier:
-        """``fresh`` with the clean reference model's weights (for attacks that fine-tune it)."""
-        model = copy.deepcopy(fresh)
-        model.load_state_dict(self.resources.clean_model().state_dict())
+        """The model training starts from: :meth:`model_shell` of the fresh classifier, with the clean
+        reference model's weights when :attr:`init` is ``clean``."""
+        model = self.model_shell(fresh)
+        if self.init == "clean":
+            model.load_state_dict(self.resources.clean_model().state_dict())
         return model
 
     def training_module(self, model: Classifier, batches: TensorBatches, recipe: TrainingRecipe,

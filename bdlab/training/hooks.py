@@ -42,10 +42,12 @@ class Batch:
 
 class Auxiliary(nn.Module):
     """A trainable part beside the classifier (a trigger, a discriminator, a generator) with its own
-    optimiser. After every model step it takes ``steps`` steps on :meth:`auxiliary_loss` with the
-    batch (outputs detached from the model step), then :meth:`project` restores its constraints."""
+    optimiser. After every ``every``-th model step it takes ``steps`` steps on :meth:`auxiliary_loss`
+    with the batch (outputs detached from the model step); :meth:`project` restores its constraints
+    after each."""
 
     steps: int = 1
+    every: int = 1
 
     @abstractmethod
     def configure_optimizer(self) -> torch.optim.Optimizer:

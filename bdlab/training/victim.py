@@ -99,10 +99,10 @@ class VictimModule(pl.LightningModule):
 
 class CoOptimisationModule(VictimModule):
     """Victim training alternating with the steps of trainable parts beside the model (TrojanZoo's
-    input-model co-optimisation, Pang et al. 2020): after each model step on the (poisoned,
-    augmented) batch, every auxiliary of ``hooks`` (a trigger, a discriminator, a generator)
-    takes ``steps`` steps of its own optimiser on its own loss, with the model in eval mode and
-    its parameters untouched, then projects back onto its constraints.
+    input-model co-optimisation, Pang et al. 2020): after every ``every``-th model step on the
+    (poisoned, augmented) batch, each auxiliary of ``hooks`` (a trigger, a discriminator, a
+    generator) takes ``steps`` steps of its own optimiser on its own loss, with the model in eval
+    mode and its parameters untouched, projecting back onto its constraints after each.
 
     Lightning's manual optimisation: the model's optimizer and scheduler come from the recipe
     (the scheduler stepped once per epoch, as in :class:`VictimModule`), each auxiliary brings
@@ -116,6 +116,7 @@ class CoOptimisationModule(VictimModule):
             raise ValueError("co-optimisation needs at least one auxiliary (hooks.auxiliaries() is empty)")
         self.auxiliaries = nn.ModuleList(parts)
         self.automatic_optimization = False
+        self._model_steps = 0
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         model_optimizer, *auxiliary_optimizers = self.optimizers()
@@ -124,10 +125,13 @@ class CoOptimisationModule(VictimModule):
         model_optimizer.zero_grad(set_to_none=True)
         self.manual_backward(loss)
         model_optimizer.step()
+        self._model_steps += 1
         detached = step.detached()
         training = self.model.training
         self.model.eval()  # the auxiliaries see the model as it predicts (batch-norm statistics frozen)
         for part, optimizer in zip(self.auxiliaries, auxiliary_optimizers):
+            if self._model_steps % part.every:
+                continue
             for _ in range(part.steps):
                 optimizer.zero_grad(set_to_none=True)
                 self.manual_backward(part.auxiliary_loss(self.model, detached))
