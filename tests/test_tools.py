@@ -20,6 +20,15 @@ def test_bench_train_writes_a_table(tmp_path: Path, capsys) -> None:
     assert "images/s" in capsys.readouterr().out
 
 
+def test_bench_train_times_the_attacks_own_training_module(tmp_path: Path) -> None:
+    out = tmp_path / "train.md"
+    overrides = [*TINY_OVERRIDES, "attack=imc", "attack.init=scratch", "attack.trigger_every=4"]
+    assert bench.main(["train", *overrides, "--repeats", "1", "--out", str(out)]) == 0
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| synthetic | lenet | imc |"))
+    # co-optimisation adds the trigger's PGD steps to every 4th model step: slower than clean training
+    assert float(row.split("|")[5].strip().rstrip("%")) < 100.0
+
+
 def test_bench_bad_input(tmp_path: Path) -> None:
     assert bench.main(["train", *TINY_OVERRIDES, "attack.poison_rate=2", "--out", str(tmp_path / "t.md")]) == 2
     assert not (tmp_path / "t.md").exists()

@@ -273,7 +273,8 @@ def test_each_attack_end_to_end_on_synthetic_data(tmp_path: Path, tmp_path_facto
 
 
 def test_a_cache_hit_restores_the_learned_trigger_bit_for_bit(tmp_path: Path) -> None:
-    overrides = [*TINY_RUN, "attack=imc", "attack.init=scratch", "attack.trigger_every=4", f"cache_dir={tmp_path}"]
+    overrides = [*TINY_RUN, "attack=imc", "attack.init=scratch", "attack.trigger_every=4", "attack.learn_mask=true",
+                 f"cache_dir={tmp_path}"]
     first = execute(prepare(compose_config(overrides)), tmp_path / "one", [])
     second_experiment = prepare(compose_config(overrides))
     second = execute(second_experiment, tmp_path / "two", [])

@@ -49,7 +49,7 @@ class LabelConsistent(MaskPatternAttack):
     only the pixels within ``foreground_dilation`` pixels of the object. On MNIST the background
     is exactly 0 in every clean image, so PGD noise there is a marker of the poisoned images that
     the trojaned model learns as class evidence instead of the trigger; confining the
-    perturbation to the digit removes that shortcut (README: ASR 0.15% -> 29.9% at epsilon 0.5).
+    perturbation to the digit removes that shortcut (docs/transformations.md: ASR 0.15% -> 29.9% at epsilon 0.5).
 
     Surrogate (``surrogate``):
 
@@ -64,19 +64,19 @@ class LabelConsistent(MaskPatternAttack):
       ``adv_batch_size``, starting from the clean model's weights (``adv_init: clean``) or from
       fresh ones (``adv_init: scratch``). Its state dict is cached under
       ``models/robust_surrogate``, keyed by the clean model's key and these settings, so it is
-      trained once. On MNIST / LeNet it does not make the attack work either (README): with PGD
+      trained once. On MNIST / LeNet it does not make the attack work either (docs/transformations.md): with PGD
       at 8/255 to 0.5 the trojaned model still fits the perturbed images without the trigger
       (ASR <= 0.13%).
     - ``clean``: the run's standard clean reference model itself. Known limitation: on MNIST /
       LeNet (epsilon 0.3, 20 steps) the trojaned model learns these non-robust perturbations as
-      class evidence (99.6% on the perturbed images) and ignores the trigger: ASR 0.15% (README).
+      class evidence (99.6% on the perturbed images) and ignores the trigger: ASR 0.15% (docs/transformations.md).
     - ``ensemble`` (bdlab's transfer-oriented variant): the mean logits of ``ensemble_size``
       clean models of the run's data and recipe, the reference model and ones trained with
       seeds ``seed + 1``, ... (cached as clean models), attacked together
       (:class:`~bdlab.attacks.adversarial.LogitEnsemble`). A perturbation that fools all of
       them is read as another class's evidence by the trojaned model too, so it must rely on
       the trigger. On MNIST / LeNet with foreground PGD at epsilon 0.5 it lifts ASR from 31.7%
-      (one model) to 66.6% (eight) (README, "Label-consistent on MNIST"), but poisons at 0.5 read
+      (one model) to 66.6% (eight) (docs/transformations.md, "Label-consistent on MNIST"), but poisons at 0.5 read
       as other digits. At epsilon 0.3 (``experiment=label_consistent_mnist``) it gives 12-31%.
 
     The clean models (same data, recipe; the run's seed and the ensemble's) come from the run's

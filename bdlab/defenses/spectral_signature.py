@@ -52,7 +52,7 @@ class SpectralSignature(DataFilteringDefense):
     Centring on the class's own mean is why the method needs the poison to be a minority of the
     class: Tran et al. evaluate 5% and 10% *of the target class*. When the poison is about half
     of the class (10% of MNIST's training set relabelled to one class) the mean falls between
-    the two clusters, both score alike and the ranking is chance (README has the figures).
+    the two clusters, both score alike and the ranking is chance (docs/filtering.md has the figures).
     ``centre: clean_mean`` is bdlab's variant for that regime, not part of Tran et al.: it
     centres each class on the mean features of its *held-out clean* samples (the defense split,
     which every bdlab defense may use), so the poison cluster is the one far from the centre.
