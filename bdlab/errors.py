@@ -30,6 +30,12 @@ def check_range(field: str, value: float, low: float, high: float, *, low_open: 
         raise ConfigError(field, f"got {value}, must be in {left}{low}, {high}{right}")
 
 
+def check_at_least(field: str, value: float, minimum: float) -> None:
+    """Raise :class:`ConfigError` unless ``value >= minimum`` (NaN is refused too)."""
+    if not value >= minimum:
+        raise ConfigError(field, f"got {value}, must be >= {minimum}")
+
+
 def build(node: Any, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` that lets a constructor's ConfigError through unwrapped."""
     try:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from bdlab.attacks.badnets import BadNets
-from bdlab.errors import ConfigError
+from bdlab.errors import ConfigError, check_at_least
 from bdlab.models.classifier import PENULTIMATE, Classifier
 from bdlab.training.hooks import Auxiliary, Batch
 from bdlab.training.loader import TensorBatches
@@ -89,8 +89,7 @@ class ABE(BadNets):
             raise ConfigError("attack.disc_lr", f"got {disc_lr}, must be > 0")
         if any(size < 1 for size in disc_hidden):
             raise ConfigError("attack.disc_hidden", f"got {list(disc_hidden)}, widths must be >= 1")
-        if disc_steps < 1:
-            raise ConfigError("attack.disc_steps", f"got {disc_steps}, must be >= 1")
+        check_at_least("attack.disc_steps", disc_steps, 1)
         self.disc_weight, self.disc_lr = float(disc_weight), float(disc_lr)
         self.disc_hidden, self.disc_steps = [int(size) for size in disc_hidden], int(disc_steps)
         self.discriminator: Discriminator | None = None

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from bdlab.attacks.base import PoisonedSet, Resources, blend
 from bdlab.attacks.trojannn import TrojanNN
 from bdlab.datasets.base import DatasetSplits, ImageSet
-from bdlab.errors import ConfigError, check_range
+from bdlab.errors import check_at_least, check_range
 from bdlab.models.classifier import Classifier
 from bdlab.training.hooks import Auxiliary, Batch
 
@@ -142,10 +142,8 @@ class IMC(TrojanNN):
         self.trigger: TriggerParameters | None = None  # the trainable trigger, from setup on
         super().__init__(**kwargs)
         check_range("attack.trigger_lr", trigger_lr, 0.0, 1.0, low_open=True)
-        if trigger_steps < 1:
-            raise ConfigError("attack.trigger_steps", f"got {trigger_steps}, must be >= 1")
-        if trigger_every < 1:
-            raise ConfigError("attack.trigger_every", f"got {trigger_every}, must be >= 1")
+        check_at_least("attack.trigger_steps", trigger_steps, 1)
+        check_at_least("attack.trigger_every", trigger_every, 1)
         self.learn_mask, self.trigger_lr = bool(learn_mask), float(trigger_lr)
         self.trigger_steps, self.trigger_every = int(trigger_steps), int(trigger_every)
 

@@ -14,7 +14,7 @@ from torch.nn import functional as F
 from bdlab.attacks.badnets import BadNets
 from bdlab.attacks.base import PoisonedSet, Resources, blend, check_init
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
-from bdlab.errors import ConfigError, check_range
+from bdlab.errors import ConfigError, check_at_least, check_range
 from bdlab.models.classifier import PENULTIMATE, Classifier
 from bdlab.training.hooks import Batch
 from bdlab.training.loader import TensorBatches
@@ -93,10 +93,8 @@ class LatentBackdoor(BadNets):
                  samples_per_class: int = 1000, mse_weight: float = 0.5, init: str = "clean", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_range("attack.preprocess_lr", preprocess_lr, 0.0, 10.0, low_open=True)
-        if preprocess_iter < 0:
-            raise ConfigError("attack.preprocess_iter", f"got {preprocess_iter}, must be >= 0")
-        if samples_per_class < 1:
-            raise ConfigError("attack.samples_per_class", f"got {samples_per_class}, must be >= 1")
+        check_at_least("attack.preprocess_iter", preprocess_iter, 0)
+        check_at_least("attack.samples_per_class", samples_per_class, 1)
         if not mse_weight >= 0:
             raise ConfigError("attack.mse_weight", f"got {mse_weight}, the latent loss weight must be >= 0")
         self.layer, self.preprocess_lr, self.preprocess_iter = layer, float(preprocess_lr), int(preprocess_iter)

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 from bdlab.attacks.badnets import BadNets
 from bdlab.attacks.base import PoisonedSet, Resources
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
-from bdlab.errors import ConfigError, check_range
+from bdlab.errors import ConfigError, check_at_least, check_range
 from bdlab.models.classifier import Classifier
 from bdlab.training.loader import TensorBatches
 from bdlab.training.recipe import TrainingRecipe
@@ -144,10 +144,8 @@ class TrojanNet(BadNets):
         check_range("attack.influence", influence, 0.0, 1.0, low_open=True, high_open=True)
         check_range("attack.temperature", temperature, 0.0, 100.0, low_open=True)
         for field, value in (("ones", ones), ("hidden", hidden), ("samples", samples), ("batch_size", batch_size)):
-            if value < 1:
-                raise ConfigError(f"attack.{field}", f"got {value}, must be >= 1")
-        if depth < 2:
-            raise ConfigError("attack.depth", f"got {depth}, must be >= 2")
+            check_at_least(f"attack.{field}", value, 1)
+        check_at_least("attack.depth", depth, 2)
         if not amplify > 0:
             raise ConfigError("attack.amplify", f"got {amplify}, must be > 0")
         if not trojannet_lr > 0:

@@ -12,7 +12,7 @@ from torch import Tensor
 from bdlab.attacks.badnets import BadNets
 from bdlab.attacks.base import PoisonedSet, Resources, blend, check_init
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
-from bdlab.errors import ConfigError, check_range
+from bdlab.errors import ConfigError, check_at_least, check_range
 from bdlab.models.classifier import PENULTIMATE, Classifier
 
 log = logging.getLogger(__name__)
@@ -103,15 +103,11 @@ class TrojanNN(BadNets):
                  preprocess_lr: float = 0.015, preprocess_iter: int = 20, threshold: float = 5.0,
                  preprocess_images: int = 1000, init: str = "clean", **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if neuron_count < 1:
-            raise ConfigError("attack.neuron_count", f"got {neuron_count}, must be >= 1")
+        check_at_least("attack.neuron_count", neuron_count, 1)
         check_range("attack.preprocess_lr", preprocess_lr, 0.0, 1.0, low_open=True)
-        if preprocess_iter < 0:
-            raise ConfigError("attack.preprocess_iter", f"got {preprocess_iter}, must be >= 0")
-        if threshold < 0:
-            raise ConfigError("attack.threshold", f"got {threshold}, must be >= 0")
-        if preprocess_images < 1:
-            raise ConfigError("attack.preprocess_images", f"got {preprocess_images}, must be >= 1")
+        check_at_least("attack.preprocess_iter", preprocess_iter, 0)
+        check_at_least("attack.threshold", threshold, 0)
+        check_at_least("attack.preprocess_images", preprocess_images, 1)
         self.layer, self.neuron_count, self.target_value = layer, int(neuron_count), float(target_value)
         self.preprocess_lr, self.preprocess_iter = float(preprocess_lr), int(preprocess_iter)
         self.threshold, self.preprocess_images, self.init = float(threshold), int(preprocess_images), check_init(init)
