@@ -206,6 +206,12 @@ class RunResources:
         self.artifacts[f"retrained_{tag}"] = {"path": str(self.cache.path("models/retrained", spec)), "reused": reused}
         return model
 
+    def trojan_key(self) -> str:
+        """The trojaned model's cache key (the clean model's without an attack)."""
+        if isinstance(self.experiment.attack, NoAttack):
+            return self.clean_key()
+        return spec_hash(model_spec(self.experiment.cfg, with_attack=True))
+
     def trojan_model(self) -> Classifier:
         """The trojaned model with its attack's learned state restored: from the cache, or trained."""
         experiment, attack = self.experiment, self.experiment.attack
@@ -285,8 +291,10 @@ def execute(experiment: Experiment, output_dir: Path, loggers: list[Logger]) -> 
     metrics["attack/cad"] = metrics["clean/acc"] - metrics["trojan/acc"]
     experiment.timings["evaluate_s"] = time.perf_counter() - started
 
+    keys = {"clean": resources.clean_key(), "trojan": resources.trojan_key()}
     context = RunContext(experiment.cfg, data, attack, clean_model, trojan_model, poisoned_train, poisoned_test,
-                         output_dir, experiment.device, resources.retrain, undefended, loggers=loggers)
+                         output_dir, experiment.device, resources.retrain, undefended, loggers=loggers,
+                         cache=resources.cache, model_keys=keys, recipe=experiment.recipe)
     started = time.perf_counter()
     metrics.update(experiment.defense.run(context))
     experiment.timings["defense_s"] = time.perf_counter() - started

@@ -65,11 +65,20 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
         raise
 
 
-def format_table(metrics: dict[str, float]) -> str:
+def show_value(value: Any) -> str:
+    """A metric for the terminal: 4 significant digits, ``n/a`` for not applicable (None or NaN), lists
+    (per-class values) element by element at 3."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join("n/a" if isinstance(v, float) and math.isnan(v) else f"{v:.3g}" for v in value) + "]"
+    return f"{value:.4g}"
+
+
+def format_table(metrics: dict[str, Any]) -> str:
     """A two-column text table of the metrics, for the terminal."""
     width = max((len(k) for k in metrics), default=6)
     lines = [f"{'metric':<{width}}  value", f"{'-' * width}  --------"]
     for key, value in metrics.items():
-        shown = "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
-        lines.append(f"{key:<{width}}  {shown}")
+        lines.append(f"{key:<{width}}  {show_value(value)}")
     return "\n".join(lines)

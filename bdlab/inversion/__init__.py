@@ -1,0 +1,1 @@
+"""Trigger inversion: one batched engine, and the methods (Neural Cleanse, TABOR, Pixel, UAP, CW-L0) on it."""

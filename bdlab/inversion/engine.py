@@ -1,0 +1,360 @@
+"""One trigger-inversion engine: the triggers of many target classes optimised as one batch.
+
+Each target class ``k`` has its own trigger variables; one optimiser step stamps every active
+class's trigger on the same mini-batch of clean images, runs the model once on the stacked
+``(classes x images)`` batch, and minimises, for every class independently,
+
+    attack loss of the stamped images towards ``k`` + lambda_k * regulariser_k
+
+(Neural Cleanse, Wang et al. S&P 2019, Eq. 3; the Pixel paper's Eq. 3). Per class, the engine
+keeps lambda on Neural Cleanse's schedule, the best trigger found so far (the smallest one whose
+attack success on the optimisation images reaches the threshold, else the most successful), and
+its own early stopping; a stopped class leaves the batch. ``mode: sequential`` runs the same code
+one class at a time, for comparison. Methods (:class:`InversionMethod`) supply the trigger's
+parametrisation, regulariser, size and constraints; a scheduler may choose which classes are
+optimised in each epoch (K-Arm).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from bdlab.errors import ConfigError, check_at_least, check_range
+
+Variables = dict[str, list[Tensor]]
+MODES = ("batched", "sequential")
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """Recovered triggers of ``K`` classes in pixel space: ``stamp(x) = clip((1 - mask) x + mask pattern + delta)``.
+
+    Mask-and-pattern methods (Neural Cleanse, TABOR) set ``mask`` ``(K, 1, H, W)`` and ``pattern``
+    ``(K, C, H, W)`` with ``delta`` zero; additive methods (Pixel, UAP, CW) set ``delta``
+    ``(K, C, H, W)`` with ``mask`` zero. ``footprint`` ``(K, 1, H, W)`` is how much each pixel is
+    changed: the mask, or the largest absolute perturbation over channels.
+    """
+
+    mask: Tensor
+    pattern: Tensor
+    delta: Tensor
+
+    @property
+    def footprint(self) -> Tensor:
+        return torch.maximum(self.mask, self.delta.abs().amax(1, keepdim=True))
+
+    def stamp(self, x: Tensor, index: Tensor | int) -> Tensor:
+        """Class ``index``'s trigger (one int, or one class per image) on float images ``x``."""
+        mask = self.mask[index].to(x.device, x.dtype)
+        pattern, delta = self.pattern[index].to(x.device, x.dtype), self.delta[index].to(x.device, x.dtype)
+        return (x + mask * (pattern - x) + delta).clamp(0.0, 1.0)
+
+    def select(self, index: Tensor) -> Trigger:
+        return Trigger(self.mask[index], self.pattern[index], self.delta[index])
+
+    @staticmethod
+    def stack(triggers: Sequence[Trigger]) -> Trigger:
+        return Trigger(*(torch.cat([getattr(t, part) for t in triggers]) for part in ("mask", "pattern", "delta")))
+
+
+class InversionMethod(ABC):
+    """A trigger parametrisation and its losses on the engine (Neural Cleanse, TABOR, Pixel, ...).
+
+    Variables are per-class tensors (lists of ``K`` tensors) so that a class's optimiser state is
+    its own and a class out of the batch is not stepped.
+    """
+
+    #: default step size of the engine's Adam optimiser for this method
+    lr: float = 0.1
+    #: the method has a size objective (lambda-scheduled); without one the most successful trigger is the best
+    regularised: bool = True
+
+    @abstractmethod
+    def variables(self, targets: Sequence[int], shape: tuple[int, int, int], seed: int) -> Variables:
+        """Fresh trainable variables of each target class, initialised from ``seed`` and the class alone
+        (so the batched and sequential modes start from the same triggers)."""
+
+    @abstractmethod
+    def stamp(self, variables: Variables, index: Sequence[int], x: Tensor) -> Tensor:
+        """``(A, B, C, H, W)``: class ``index[a]``'s trigger on its images ``x[a]`` (``x`` is ``(A, B, C, H, W)``)."""
+
+    @abstractmethod
+    def regulariser(self, variables: Variables, index: Sequence[int], x: Tensor) -> Tensor:
+        """``(A,)`` the size term lambda multiplies (``x``: the step's images, ``(A, B, C, H, W)``)."""
+
+    def fixed_terms(self, model: nn.Module, variables: Variables, index: Sequence[int], x: Tensor,
+                    labels: Tensor, targets: Tensor) -> Tensor:
+        """``(A,)`` further loss terms with fixed weights (TABOR's) on the images ``x`` ``(A, B, C, H, W)``
+        and their true ``labels`` ``(A, B)``; zero by default."""
+        return torch.zeros(len(index), device=x.device)
+
+    def attack_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """``(A, B)`` per-image loss of reaching the targets (cross-entropy by default)."""
+        count, batch, classes = logits.shape
+        return F.cross_entropy(logits.reshape(count * batch, classes), targets.repeat_interleave(batch),
+                               reduction="none").view(count, batch)
+
+    @abstractmethod
+    def size(self, variables: Variables, index: Sequence[int]) -> Tensor:
+        """``(A,)`` the reported trigger size (mask L1 norm, or number of perturbed pixels)."""
+
+    def project(self, variables: Variables, index: Sequence[int]) -> None:
+        """Restore the variables' constraints after a step (default: none)."""
+
+    def end_epoch(self, model: nn.Module, variables: Variables, index: Sequence[int], x: Tensor, labels: Tensor,
+                  targets: Tensor, success: Tensor, threshold: float) -> None:
+        """Work after each epoch (CW's pruning); default none."""
+
+    @abstractmethod
+    def trigger(self, variables: Variables, index: Sequence[int]) -> Trigger:
+        """The pixel-space triggers of classes ``index`` (detached, on the CPU)."""
+
+
+@dataclass
+class Schedule:
+    """Neural Cleanse's lambda schedule and early stopping (Wang et al. 2019, released code), per class.
+
+    lambda starts at ``init``; after ``patience`` epochs in a row with attack success >= the
+    threshold it is multiplied by ``up`` (1.5), after ``patience`` epochs below it divided by
+    ``down`` (1.5^1.5). A class stops once lambda has gone both up and down and its best size
+    has not improved for ``early_stop_patience`` epochs.
+    """
+
+    init: float = 1e-3
+    up: float = 1.5
+    down: float = 1.5 ** 1.5
+    patience: int = 5
+    early_stop_patience: int = 25
+
+    def __post_init__(self) -> None:
+        if not self.init >= 0:
+            raise ConfigError("defense.init_weight", f"got {self.init}, a regulariser weight must be >= 0")
+        if not self.up > 1 or not self.down > 1:
+            raise ConfigError("defense.schedule", f"up {self.up} and down {self.down} must both be > 1")
+        check_at_least("defense.patience", self.patience, 1)
+        check_at_least("defense.early_stop_patience", self.early_stop_patience, 1)
+
+
+@dataclass
+class ClassState:
+    """What the engine tracks for one target class."""
+
+    weight: float
+    up_count: int = 0
+    down_count: int = 0
+    went_up: bool = False
+    went_down: bool = False
+    stale: int = 0
+    epochs: int = 0
+    stopped: bool = False
+    best_size: float = math.inf
+    best_success: float = -1.0
+    best_reached: bool = False
+    best: Trigger | None = None
+    last_loss: float = math.nan
+
+
+@dataclass
+class InversionResult:
+    """The best trigger of each target class and how it was found."""
+
+    targets: list[int]
+    trigger: Trigger
+    size: Tensor
+    success: Tensor
+    loss: Tensor
+    epochs: Tensor
+    reached: Tensor
+    seconds: float
+    sources: list[int | None] = field(default_factory=list)
+
+
+class InversionEngine:
+    """Optimises the triggers of many target classes as one batch (see the module docstring).
+
+    Args:
+        method: the trigger parametrisation and losses.
+        epochs: passes over the optimisation images (each a step per mini-batch); the budget.
+        batch_size: optimisation images per step (each stamped with every active class's trigger).
+        lr: Adam step size (default: the method's); Adam's betas are Neural Cleanse's (0.5, 0.9).
+        threshold: attack success a trigger must reach on the optimisation images to count as found.
+        schedule: lambda's schedule and early stopping (:class:`Schedule`).
+        mode: ``batched`` (default) or ``sequential`` (the same code, one class at a time).
+        seed: initial triggers and the image order.
+    """
+
+    def __init__(self, method: InversionMethod, epochs: int = 50, batch_size: int = 32, lr: float | None = None,
+                 threshold: float = 0.99, schedule: Schedule | None = None, mode: str = "batched",
+                 seed: int = 0) -> None:
+        check_at_least("defense.epochs", epochs, 1)
+        check_at_least("defense.batch_size", batch_size, 1)
+        check_range("defense.threshold", threshold, 0.0, 1.0, low_open=True)
+        if mode not in MODES:
+            raise ConfigError("defense.mode", f"got {mode!r}, must be one of {', '.join(MODES)}")
+        if lr is not None and not lr > 0:
+            raise ConfigError("defense.lr", f"got {lr}, must be > 0")
+        self.method, self.epochs, self.batch_size = method, int(epochs), int(batch_size)
+        self.lr = method.lr if lr is None else float(lr)
+        self.threshold, self.schedule, self.mode, self.seed = float(threshold), schedule or Schedule(), mode, seed
+
+    def run(self, model: nn.Module, images: Tensor, labels: Tensor, targets: Sequence[int],
+            sources: Sequence[int | None] | None = None, scheduler: EpochScheduler | None = None) -> InversionResult:
+        """Invert a trigger for each of ``targets`` on float ``images`` ``(N, C, H, W)`` in ``[0, 1]``.
+
+        ``sources[i]`` restricts target ``i``'s images to one source class (a class pair);
+        None (default) uses every image not of the target class (a universal trigger).
+        """
+        targets = [int(t) for t in targets]
+        sources = list(sources) if sources is not None else [None] * len(targets)
+        started = time.perf_counter()
+        if self.mode == "sequential" and len(targets) > 1:
+            parts = [self._run(model, images, labels, [t], [s], scheduler) for t, s in zip(targets, sources)]
+            result = InversionResult(targets, Trigger.stack([p.trigger for p in parts]),
+                                     *(torch.cat([getattr(p, name) for p in parts])
+                                       for name in ("size", "success", "loss", "epochs", "reached")),
+                                     seconds=0.0, sources=sources)
+        else:
+            result = self._run(model, images, labels, targets, sources, scheduler)
+        result.seconds = time.perf_counter() - started
+        return result
+
+    def _run(self, model: nn.Module, images: Tensor, labels: Tensor, targets: list[int], sources: list[int | None],
+             scheduler: EpochScheduler | None) -> InversionResult:
+        model.eval()
+        device = next(model.parameters()).device
+        images, labels = images.to(device), labels.to(device)
+        method = self.method
+        variables = {name: [v.to(device).requires_grad_(True) for v in values]
+                     for name, values in method.variables(targets, tuple(images.shape[1:]), self.seed).items()}
+        optimizers = [torch.optim.Adam([values[k] for values in variables.values()], lr=self.lr, betas=(0.5, 0.9))
+                      for k in range(len(targets))]
+        target_tensor = torch.tensor(targets, device=device)
+        source_tensor = torch.tensor([-1 if s is None else int(s) for s in sources], device=device)
+        states = [ClassState(self.schedule.init if method.regularised else 0.0) for _ in targets]
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        try:
+            for epoch in range(self.epochs):
+                live = [k for k, state in enumerate(states) if not state.stopped]
+                active = scheduler.select(epoch, live, states) if scheduler is not None else live
+                if not active:
+                    break
+                self._epoch(model, images, labels, variables, optimizers, active, target_tensor, source_tensor,
+                            states, epoch)
+        finally:
+            for parameter in model.parameters():
+                parameter.requires_grad_(True)
+        return self._result(targets, sources, variables, states)
+
+    def _pools(self, labels: Tensor, targets: Tensor, sources: Tensor) -> Tensor:
+        """``(K, N)``: the images each class is optimised on: its source class, or every other class."""
+        universal = sources[:, None] < 0
+        return torch.where(universal, labels[None] != targets[:, None], labels[None] == sources[:, None])
+
+    def _epoch(self, model: nn.Module, images: Tensor, labels: Tensor, variables: Variables,
+               optimizers: list[torch.optim.Optimizer], active: list[int], targets: Tensor, sources: Tensor,
+               states: list[ClassState], epoch: int) -> None:
+        """``ceil(N / batch_size)`` steps; at each, every active class gets the next ``batch_size`` images of
+        its own pool (in one order drawn per epoch from the seed, so both modes see the same batches)."""
+        method, device = self.method, images.device
+        index = torch.tensor(active, device=device)
+        generator = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
+        order = torch.randperm(len(images), generator=generator).to(device)
+        pools = self._pools(labels[order], targets[index], sources[index])  # (A, N) in epoch order
+        queues = [order[pool] for pool in pools]
+        if any(len(queue) == 0 for queue in queues):
+            raise ValueError("a class has no image to optimise its trigger on (no image of its source class, or "
+                             "only images of the target)")
+        steps = max(1, math.ceil(len(images) / self.batch_size))
+        hits = torch.zeros(len(active), device=device)
+        seen = torch.zeros(len(active), device=device)
+        losses = torch.zeros(len(active), device=device)
+        for step in range(steps):
+            positions = torch.arange(step * self.batch_size, (step + 1) * self.batch_size, device=device)
+            batch = torch.stack([queue[positions % len(queue)] for queue in queues])  # (A, B), cycling short pools
+            x, y = images[batch], labels[batch]
+            stamped = method.stamp(variables, active, x)
+            logits = model(stamped.flatten(0, 1)).view(len(active), batch.shape[1], -1)
+            weights = torch.tensor([states[k].weight for k in active], device=device)
+            loss = method.attack_loss(logits, targets[index]).mean(1) + \
+                weights * method.regulariser(variables, active, x) + \
+                method.fixed_terms(model, variables, active, x, y, targets[index])
+            for k in active:
+                optimizers[k].zero_grad(set_to_none=True)
+            loss.sum().backward()
+            for k in active:
+                optimizers[k].step()
+            with torch.no_grad():
+                method.project(variables, active)
+                hits += (logits.argmax(2) == targets[index][:, None]).float().sum(1)
+                seen += batch.shape[1]
+                losses += loss.detach()
+        success = hits / seen
+        with torch.no_grad():
+            sizes = method.size(variables, active)
+            trigger = method.trigger(variables, active)
+        for position, k in enumerate(active):
+            self._update(states[k], float(success[position]), float(sizes[position]),
+                         trigger.select(torch.tensor([position])), float(losses[position]) / steps)
+        with torch.no_grad():  # after the best-so-far update, which scores the trigger the epoch used
+            method.end_epoch(model, variables, active, images, labels, targets[index], success, self.threshold)
+
+    def _update(self, state: ClassState, success: float, size: float, trigger: Trigger, loss: float) -> None:
+        """Best-so-far, Neural Cleanse's lambda schedule and early stopping for one class after an epoch."""
+        schedule, reached = self.schedule, success >= self.threshold
+        state.epochs += 1
+        state.last_loss = loss
+        improved = (reached and (not state.best_reached or size < state.best_size)) or \
+            (not reached and not state.best_reached and success > state.best_success)
+        if not self.method.regularised and reached and state.best_reached:
+            improved = success > state.best_success  # no size objective: the most successful trigger
+        if improved:
+            previous = state.best_size
+            state.best, state.best_size, state.best_success, state.best_reached = trigger, size, success, reached
+            state.stale = 0 if (reached and size < previous) or not math.isfinite(previous) else state.stale + 1
+        else:
+            state.stale += 1
+        if not self.method.regularised:
+            return
+        if reached:
+            state.up_count, state.down_count = state.up_count + 1, 0
+        else:
+            state.up_count, state.down_count = 0, state.down_count + 1
+        if state.up_count >= schedule.patience:
+            state.up_count, state.weight, state.went_up = 0, state.weight * schedule.up, True
+        elif state.down_count >= schedule.patience:
+            state.down_count, state.weight, state.went_down = 0, state.weight / schedule.down, True
+        if state.went_up and state.went_down and state.stale >= schedule.early_stop_patience:
+            state.stopped = True
+
+    def _result(self, targets: list[int], sources: list[int | None], variables: Variables,
+                states: list[ClassState]) -> InversionResult:
+        index = list(range(len(targets)))
+        with torch.no_grad():
+            fallback = self.method.trigger(variables, index)  # a class never stepped keeps its start
+        triggers = [state.best if state.best is not None else fallback.select(torch.tensor([k]))
+                    for k, state in enumerate(states)]
+        return InversionResult(
+            targets, Trigger.stack(triggers),
+            torch.tensor([s.best_size if s.best is not None else math.nan for s in states]),
+            torch.tensor([max(s.best_success, 0.0) for s in states]),
+            torch.tensor([s.last_loss for s in states]),
+            torch.tensor([s.epochs for s in states]),
+            torch.tensor([s.best_reached for s in states]),
+            seconds=0.0, sources=sources)
+
+
+class EpochScheduler(ABC):
+    """Chooses which live classes the engine optimises in an epoch (K-Arm's bandit)."""
+
+    @abstractmethod
+    def select(self, epoch: int, live: list[int], states: list[ClassState]) -> list[int]:
+        """The classes to optimise in ``epoch``, among the ``live`` (not stopped) ones."""
