@@ -1,7 +1,10 @@
-"""Benchmarks that write tables: ``python -m bdlab.bench train [hydra overrides]``.
+"""Benchmarks that write tables: ``python -m bdlab.bench <train|inspect> [hydra overrides]``.
 
 ``train`` measures training throughput (images per second) of the same model and data,
 clean and poisoned, so the cost of poisoning is visible; poisoning is timed separately.
+``inspect`` times a model-inspection defense (default ``neural_cleanse``) on the trojaned model in
+the batched and the sequential mode of the inversion engine, with the same epochs and images, and
+gives each one's AIV of the target class and flagged classes.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import torch
 
 from bdlab.compose import compose_config
 from bdlab.console import quiet_third_party
-from bdlab.errors import ConfigError
+from bdlab.defenses.inspection import ModelInspection
+from bdlab.errors import ConfigError, build
 from bdlab.pipeline import prepare, trojan_training
 from bdlab.training.fit import fit, fit_classifier
 
@@ -60,6 +64,41 @@ def bench_train(overrides: list[str], epochs: int, repeats: int) -> list[dict[st
     return rows
 
 
+def bench_inspect(overrides: list[str]) -> list[dict[str, object]]:
+    """Seconds per model, AIV of the target and flagged classes, batched vs sequential (no cache)."""
+    cfg = compose_config(["logger=none", "trainer.enable_progress_bar=false", "defense=neural_cleanse", *overrides])
+    experiment = prepare(cfg)
+    if not isinstance(experiment.defense, ModelInspection):
+        raise ConfigError("defense", f"{experiment.defense.name} is not a model-inspection defense; bench inspect "
+                          "times one (neural_cleanse, tabor, pixel, k_arm, ...)")
+    model = experiment.resources.trojan_model() if experiment.attack.name != "none" else \
+        experiment.resources.clean_model()
+    rows = []
+    for mode in ("batched", "sequential"):
+        inspector = build(cfg.defense, mode=mode)
+        inspection = inspector.inspect(model, experiment.data)
+        target = experiment.attack.target_class
+        rows.append({"dataset": experiment.data.name, "model": str(cfg.model.name),
+                     "attack": experiment.attack.display_name, "defense": inspector.name, "mode": mode,
+                     "seconds": inspection.result.seconds, "epochs": int(inspection.result.epochs.sum()),
+                     "aiv": float(inspection.aiv[target]), "flagged": inspection.flagged,
+                     "device": device_name(experiment.device)})
+    for row in rows:
+        row["speedup"] = rows[1]["seconds"] / row["seconds"]
+    return rows
+
+
+def inspect_markdown(rows: list[dict[str, object]]) -> str:
+    header = ("| dataset | model | attack | defense | mode | seconds per model | vs sequential | class-epochs | "
+              "AIV of the target | flagged | device |")
+    lines = [header, "|---|---|---|---|---|---:|---:|---:|---:|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['model']} | {r['attack']} | {r['defense']} | {r['mode']} | "
+                     f"{r['seconds']:.1f} | {r['speedup']:.2f}x | {r['epochs']} | {r['aiv']:.2f} | {r['flagged']} | "
+                     f"{r['device']} |")
+    return "\n".join(lines)
+
+
 def markdown(rows: list[dict[str, object]]) -> str:
     header = "| dataset | model | attack | images/s | vs clean | poisoning the set (s) | device |"
     lines = [header, "|---|---|---|---:|---:|---:|---|"]
@@ -73,25 +112,29 @@ def main(argv: list[str] | None = None) -> int:
     quiet_third_party()
     parser = argparse.ArgumentParser(prog="python -m bdlab.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=["train"])
+    parser.add_argument("benchmark", choices=["train", "inspect"])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=mnist model=lenet")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/train.md"),
-                        help="markdown file the table is appended to")
+    parser.add_argument("--out", type=Path, help="markdown file the table is appended to "
+                        "(default: benchmarks/<benchmark>.md)")
     args = parser.parse_args(argv)
+    out = args.out or Path("benchmarks") / f"{args.benchmark}.md"
     try:
-        rows = bench_train(args.overrides, args.epochs, args.repeats)
+        if args.benchmark == "train":
+            table = markdown(bench_train(args.overrides, args.epochs, args.repeats))
+            note = f"{args.epochs} epoch(s), best of {args.repeats}"
+        else:
+            table, note = inspect_markdown(bench_inspect(args.overrides)), "one run of each mode"
     except ConfigError as error:
         print(f"bdlab: invalid config: {error}", file=sys.stderr)
         return 2
-    table = markdown(rows)
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
-    with args.out.open("a") as stream:
-        stream.write(f"\n`python -m bdlab.bench train {' '.join(args.overrides)}` ({stamp}, {args.epochs} epoch(s), "
-                     f"best of {args.repeats})\n\n{table}\n")
+    with out.open("a") as stream:
+        stream.write(f"\n`python -m bdlab.bench {args.benchmark} {' '.join(args.overrides)}` ({stamp}, {note})\n\n"
+                     f"{table}\n")
     return 0
 
 

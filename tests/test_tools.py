@@ -46,3 +46,14 @@ def test_export_roundtrip(tmp_path: Path) -> None:
 def test_export_refuses_no_attack(tmp_path: Path) -> None:
     assert export.main([f"out={tmp_path / 'x.safetensors'}", *TINY_OVERRIDES, "attack=none"]) == 2
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_bench_inspect_times_both_modes_of_the_engine(tmp_path: Path) -> None:
+    out = tmp_path / "inspect.md"
+    overrides = [*TINY_OVERRIDES, "attack.patch_size=4", "dataset.defense_fraction=0.4", "defense.epochs=3",
+                 "defense.optimisation_images=64", "defense.evaluation_images=50"]
+    assert bench.main(["inspect", *overrides, "--out", str(out)]) == 0
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| synthetic |")]
+    assert [row.split("|")[5].strip() for row in rows] == ["batched", "sequential"]
+    assert rows[0].split("|")[8] == rows[1].split("|")[8]  # the same class-epochs in both modes
+    assert bench.main(["inspect", *TINY_OVERRIDES, "defense=strip", "--out", str(tmp_path / "x.md")]) == 2

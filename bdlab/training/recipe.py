@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -138,6 +140,18 @@ class TrainingRecipe:
         optimizer, scheduler = check_optimizer(cfg)
         return cls(seed, batch_size, as_int("trainer.max_epochs", trainer["max_epochs"]), optimizer, scheduler,
                    trainer)
+
+    def variant(self, max_epochs: int, lr: float) -> TrainingRecipe:
+        """The same recipe for ``max_epochs`` epochs at learning rate ``lr`` (a fine-tuning of a trained
+        model); a schedule over the epochs (``T_max``) follows the new count."""
+        optimizer = functools.partial(self.optimizer.func, *self.optimizer.args,
+                                      **{**self.optimizer.keywords, "lr": lr})
+        scheduler = self.scheduler
+        if isinstance(scheduler, functools.partial) and "T_max" in scheduler.keywords:
+            scheduler = functools.partial(scheduler.func, *scheduler.args,
+                                          **{**scheduler.keywords, "T_max": max_epochs})
+        return dataclasses.replace(self, max_epochs=max_epochs, optimizer=optimizer, scheduler=scheduler,
+                                   trainer={**self.trainer, "max_epochs": max_epochs})
 
     def make_trainer(self, loggers: list[Logger] | bool = False, **overrides: Any) -> pl.Trainer:
         """A Lightning trainer from the ``trainer`` config group (no checkpoints: the cache stores models)."""
