@@ -15,7 +15,7 @@ from bdlab.defenses.inspection import anomaly_index, count_pixels, flagged_class
 from bdlab.defenses.neural_cleanse import NeuralCleanse
 from bdlab.errors import ConfigError
 from bdlab.inversion.engine import InversionEngine, InversionMethod, Schedule, Trigger
-from bdlab.inversion.methods import NeuralCleanseTrigger, PixelTrigger, UAPTrigger
+from bdlab.inversion.methods import CWL0Trigger, NeuralCleanseTrigger, PixelTrigger, UAPTrigger
 from bdlab.models.classifier import Classifier
 from bdlab.pipeline import prepare
 from tests.conftest import TINY_RUN, make_splits
@@ -195,6 +195,43 @@ def test_a_class_stops_early_once_lambda_went_up_and_down_and_its_best_is_stale(
     assert result.epochs.item() < 24 and result.reached.item()
     always = InversionEngine(Scripted([5.0] * 24), epochs=24, batch_size=8, schedule=schedule)
     assert always.run(Target([True] * 24, steps=1), x, y, [1]).epochs.item() == 24  # lambda never went down
+
+
+class PerStart(Scripted):
+    """A method whose trigger size is fixed by the seed it starts from: restart 1 (seed + 1009) is the smallest."""
+
+    trainable = ("v",)
+
+    def __init__(self) -> None:
+        super().__init__([0.0])
+
+    def variables(self, targets, shape, seed):
+        return {"v": [torch.zeros(1) for _ in targets],
+                "start": [torch.tensor([abs(seed % 1000 - 9) + 1.0 + k]) for k, _ in enumerate(targets)]}
+
+    def size(self, variables, index):
+        return torch.stack([variables["start"][k][0] for k in index])
+
+    def trigger(self, variables, index):
+        size = torch.stack([variables["start"][k][0] for k in index]).view(-1, 1, 1, 1).expand(-1, 1, 2, 2)
+        return Trigger(size.clone(), torch.zeros(len(index), 1, 2, 2), torch.zeros(len(index), 1, 2, 2))
+
+
+def test_restarts_keep_each_class_best_start_not_the_first_or_the_last() -> None:
+    model = Target([True] * 4, steps=1)
+    x, y = torch.rand(8, 1, 2, 2), torch.zeros(8, dtype=torch.long)
+    result = InversionEngine(PerStart(), epochs=4, batch_size=8, restarts=3).run(model, x, y, [1, 1])
+    assert result.size.tolist() == [1.0, 2.0]  # starts 10, 1, 10 (+k): the middle one, per class
+    assert result.trigger.mask[:, 0, 0, 0].tolist() == [1.0, 2.0] and result.epochs.tolist() == [12, 12]
+
+
+def test_restarts_never_return_a_larger_trigger_than_a_single_start() -> None:
+    model, x, y = planted()
+    single = InversionEngine(NeuralCleanseTrigger(), epochs=15).run(model, x, y, list(range(4)))
+    several = InversionEngine(NeuralCleanseTrigger(), epochs=15, restarts=2).run(model, x, y, list(range(4)))
+    assert (several.size <= single.size + 1e-5).all() and (several.epochs > single.epochs).all()
+    cw = InversionEngine(CWL0Trigger(), epochs=4, threshold=0.9, restarts=2).run(model, x, y, [2])
+    assert cw.size[0] < 64  # the pruned mask of the non-trainable "allowed" variable shrank
 
 
 # ----------------------------------------------------------------------------- the protocol and bad input

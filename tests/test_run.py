@@ -174,10 +174,13 @@ def test_every_option_composes(group: str) -> None:
 def test_every_attack_and_defense_option_prepares(group: str) -> None:
     """Every shipped attack and defense builds and validates against data (a typo in a config fails here)."""
     for option in options(group):
-        cfg = compose_config([*TINY_RUN, "dataset.defense_fraction=0.3", f"{group}={option}"])
-        if "optimisation_images" in cfg[group]:  # the tiny run holds out 90 images, not 500
-            cfg = compose_config([*TINY_RUN, "dataset.defense_fraction=0.3", f"{group}={option}",
-                                  f"{group}.optimisation_images=50", f"{group}.evaluation_images=40"])
+        overrides = [*TINY_RUN, "dataset.defense_fraction=0.3", f"{group}={option}"]
+        cfg = compose_config(overrides)
+        # the tiny run holds out 90 images, not 500: shrink an inspection defense's (or its nested inspector's) share
+        for prefix, node in ((group, cfg[group]), (f"{group}.inspector", cfg[group].get("inspector"))):
+            if node is not None and "optimisation_images" in node:
+                overrides += [f"{prefix}.optimisation_images=50", f"{prefix}.evaluation_images=40"]
+        cfg = compose_config(overrides)
         built = getattr(prepare(cfg), group)
         assert f"{type(built).__module__}.{type(built).__name__}".endswith(cfg[group]._target_.split(".")[-1])
 

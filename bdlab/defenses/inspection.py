@@ -17,7 +17,7 @@ on the trojaned model and on the clean reference (false positives) and reports, 
 Keys (trojaned model): ``defense/aiv_target``, ``defense/aiv_max``, ``defense/target_flagged``
 (1 or 0), ``defense/flagged`` (count) and ``defense/flagged_classes``, ``defense/mln``,
 ``defense/mjs``, ``defense/pixels``, ``defense/trigger_asr``, ``defense/trigger_loss``,
-``defense/art_s`` and per-class lists ``defense/per_class/{size,aiv,asr,loss}``; the clean
+``defense/art_s`` and per-class lists ``defense/per_class/{size,pixels,aiv,asr,loss}``; the clean
 reference's under ``defense/clean_...``. The recovered triggers are cached under
 ``inspection/<name>/`` (keyed by the model's key, the inspector's settings and the images) for
 defenses that name the inspector (unlearning), and drawn in ``inspection_<model>.png``.
@@ -132,6 +132,7 @@ class ModelInspection(Defense):
         init_weight, up, down, patience, early_stop_patience: lambda's schedule (Neural Cleanse's:
             1e-3, x1.5, /1.5^1.5, 5 epochs, 25 epochs).
         mode: ``batched`` (default, every class at once) or ``sequential`` (the same code per class).
+        restarts: independent starts per class, in the same batch; each class keeps its best (default 1).
         optimisation_images: held-out images the triggers are optimised on (default 300).
         evaluation_images: further held-out images their attack success is measured on (default 200).
         aiv_threshold: AIV above which a small trigger's class is flagged (default 2, Neural Cleanse's).
@@ -152,17 +153,19 @@ class ModelInspection(Defense):
 
     def __init__(self, epochs: int = 100, batch_size: int = 32, lr: float | None = None, threshold: float = 0.99,
                  init_weight: float = 1e-3, up: float = 1.5, down: float = 1.5 ** 1.5, patience: int = 5,
-                 early_stop_patience: int = 25, mode: str = "batched", optimisation_images: int = 300,
+                 early_stop_patience: int = 25, mode: str = "batched", restarts: int = 1, optimisation_images: int = 300,
                  evaluation_images: int = 200, aiv_threshold: float = 2.0, seed: int = 0) -> None:
         check_at_least("defense.optimisation_images", optimisation_images, 1)
         check_at_least("defense.evaluation_images", evaluation_images, 1)
         if not aiv_threshold > 0:
             raise ConfigError("defense.aiv_threshold", f"got {aiv_threshold}, must be > 0")
         schedule = Schedule(init_weight, up, down, patience, early_stop_patience)
-        self.engine = InversionEngine(self.method(), epochs, batch_size, lr, threshold, schedule, mode, seed)
+        self.engine = InversionEngine(self.method(), epochs, batch_size, lr, threshold, schedule, mode, seed, restarts)
         self.settings = {"epochs": epochs, "batch_size": batch_size, "lr": self.engine.lr, "threshold": threshold,
                          "schedule": [init_weight, up, down, patience, early_stop_patience], "mode": mode,
                          "seed": seed, **self.method_settings()}
+        if restarts > 1:  # only then, so triggers recovered before the option keep their cache key
+            self.settings["restarts"] = restarts
         self.optimisation_images, self.evaluation_images = int(optimisation_images), int(evaluation_images)
         self.aiv_threshold = float(aiv_threshold)
 
@@ -247,6 +250,7 @@ class ModelInspection(Defense):
             f"{prefix}flagged_classes": inspection.flagged,
             f"{prefix}art_s": inspection.seconds,
             f"{prefix}per_class/size": inspection.sizes.tolist(),
+            f"{prefix}per_class/pixels": count_pixels(inspection.result.trigger).tolist(),
             f"{prefix}per_class/aiv": inspection.aiv.tolist(),
             f"{prefix}per_class/asr": inspection.holdout_success.tolist(),
             f"{prefix}per_class/loss": inspection.result.loss.tolist(),

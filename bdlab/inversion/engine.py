@@ -74,6 +74,8 @@ class InversionMethod(ABC):
 
     #: default step size of the engine's Adam optimiser for this method
     lr: float = 0.1
+    #: names of the variables the optimiser steps (None: all of them; others are state the method updates)
+    trainable: tuple[str, ...] | None = None
     #: the method has a size objective (lambda-scheduled); without one the most successful trigger is the best
     regularised: bool = True
 
@@ -188,13 +190,16 @@ class InversionEngine:
         threshold: attack success a trigger must reach on the optimisation images to count as found.
         schedule: lambda's schedule and early stopping (:class:`Schedule`).
         mode: ``batched`` (default) or ``sequential`` (the same code, one class at a time).
+        restarts: independent starts per class, optimised side by side in the batch; a class keeps its
+            best (the Pixel paper takes the smallest of 3 runs for class distances).
         seed: initial triggers and the image order.
     """
 
     def __init__(self, method: InversionMethod, epochs: int = 50, batch_size: int = 32, lr: float | None = None,
                  threshold: float = 0.99, schedule: Schedule | None = None, mode: str = "batched",
-                 seed: int = 0) -> None:
+                 seed: int = 0, restarts: int = 1) -> None:
         check_at_least("defense.epochs", epochs, 1)
+        check_at_least("defense.restarts", restarts, 1)
         check_at_least("defense.batch_size", batch_size, 1)
         check_range("defense.threshold", threshold, 0.0, 1.0, low_open=True)
         if mode not in MODES:
@@ -204,6 +209,7 @@ class InversionEngine:
         self.method, self.epochs, self.batch_size = method, int(epochs), int(batch_size)
         self.lr = method.lr if lr is None else float(lr)
         self.threshold, self.schedule, self.mode, self.seed = float(threshold), schedule or Schedule(), mode, seed
+        self.restarts = int(restarts)
 
     def run(self, model: nn.Module, images: Tensor, labels: Tensor, targets: Sequence[int],
             sources: Sequence[int | None] | None = None, scheduler: EpochScheduler | None = None) -> InversionResult:
@@ -231,14 +237,17 @@ class InversionEngine:
         model.eval()
         device = next(model.parameters()).device
         images, labels = images.to(device), labels.to(device)
-        method = self.method
-        variables = {name: [v.to(device).requires_grad_(True) for v in values]
-                     for name, values in method.variables(targets, tuple(images.shape[1:]), self.seed).items()}
-        optimizers = [torch.optim.Adam([values[k] for values in variables.values()], lr=self.lr, betas=(0.5, 0.9))
-                      for k in range(len(targets))]
-        target_tensor = torch.tensor(targets, device=device)
-        source_tensor = torch.tensor([-1 if s is None else int(s) for s in sources], device=device)
-        states = [ClassState(self.schedule.init if method.regularised else 0.0) for _ in targets]
+        method, classes = self.method, len(targets)
+        # restart r of class k sits at position k + r * classes, started from its own seed
+        parts = [method.variables(targets, tuple(images.shape[1:]), self.seed + 1009 * r) for r in range(self.restarts)]
+        trainable = method.trainable or tuple(parts[0])
+        variables = {name: [v.to(device).requires_grad_(name in trainable) for part in parts for v in part[name]]
+                     for name in parts[0]}
+        optimizers = [torch.optim.Adam([variables[name][k] for name in trainable], lr=self.lr, betas=(0.5, 0.9))
+                      for k in range(classes * self.restarts)]
+        target_tensor = torch.tensor(targets * self.restarts, device=device)
+        source_tensor = torch.tensor([-1 if s is None else int(s) for s in sources] * self.restarts, device=device)
+        states = [ClassState(self.schedule.init if method.regularised else 0.0) for _ in range(classes * self.restarts)]
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         # channels-last convolutions take about half the time of the default layout on a CPU (LeNet, 320 images)
@@ -340,18 +349,23 @@ class InversionEngine:
 
     def _result(self, targets: list[int], sources: list[int | None], variables: Variables,
                 states: list[ClassState]) -> InversionResult:
-        index = list(range(len(targets)))
         with torch.no_grad():
-            fallback = self.method.trigger(variables, index)  # a class never stepped keeps its start
-        triggers = [state.best if state.best is not None else fallback.select(torch.tensor([k]))
-                    for k, state in enumerate(states)]
+            fallback = self.method.trigger(variables, list(range(len(states))))  # a class never stepped keeps its start
+        for k, state in enumerate(states):
+            if state.best is None:
+                state.best = fallback.select(torch.tensor([k]))
+        classes = len(targets)
+        # of a class's restarts, the best: a found trigger before an unfound one, then the smaller, then the more successful
+        chosen = [min((states[k + r * classes] for r in range(self.restarts)),
+                      key=lambda s: (not s.best_reached, s.best_size if s.best_reached else -s.best_success))
+                  for k in range(classes)]
         return InversionResult(
-            targets, Trigger.stack(triggers),
-            torch.tensor([s.best_size if s.best is not None else math.nan for s in states]),
-            torch.tensor([max(s.best_success, 0.0) for s in states]),
-            torch.tensor([s.last_loss for s in states]),
-            torch.tensor([s.epochs for s in states]),
-            torch.tensor([s.best_reached for s in states]),
+            targets, Trigger.stack([s.best for s in chosen]),
+            torch.tensor([s.best_size if math.isfinite(s.best_size) else math.nan for s in chosen]),
+            torch.tensor([max(s.best_success, 0.0) for s in chosen]),
+            torch.tensor([s.last_loss for s in chosen]),
+            torch.tensor([sum(states[k + r * classes].epochs for r in range(self.restarts)) for k in range(classes)]),
+            torch.tensor([s.best_reached for s in chosen]),
             seconds=0.0, sources=sources)
 
 

@@ -253,22 +253,20 @@ class CWL0Trigger(InversionMethod):
     """
 
     lr = 0.05
+    trainable = ("w",)  # "allowed", the 0/1 pixel mask, only ever shrinks by pruning
 
     def __init__(self, kappa: float = 0.0, prune_fraction: float = 0.1) -> None:
         if not kappa >= 0:
             raise ConfigError("defense.kappa", f"got {kappa}, must be >= 0")
         check_range("defense.prune_fraction", prune_fraction, 0.0, 1.0, low_open=True, high_open=True)
         self.kappa, self.prune_fraction = float(kappa), float(prune_fraction)
-        self.allowed: dict[int, Tensor] = {}
 
     def variables(self, targets: Sequence[int], shape: tuple[int, int, int], seed: int) -> Variables:
-        self.allowed = {k: torch.ones(1, *shape[1:]) for k in range(len(targets))}
-        return {"w": [torch.zeros(shape) for _ in targets]}
+        return {"w": [torch.zeros(shape) for _ in targets], "allowed": [torch.ones(1, *shape[1:]) for _ in targets]}
 
     def parts(self, variables: Variables, index: Sequence[int]) -> tuple[Tensor, Tensor]:
-        device = variables["w"][index[0]].device
         values = (torch.tanh(torch.stack([variables["w"][k] for k in index])) + 1) / 2
-        return torch.stack([self.allowed[k].to(device) for k in index]), values
+        return torch.stack([variables["allowed"][k] for k in index]), values
 
     def stamp(self, variables: Variables, index: Sequence[int], x: Tensor) -> Tensor:
         allowed, values = self.parts(variables, index)
@@ -294,19 +292,16 @@ class CWL0Trigger(InversionMethod):
                 margin = self.attack_loss(model(stamped)[None], targets[position:position + 1]).sum()
                 (grad,) = torch.autograd.grad(margin, stamped)
             importance = (grad * (stamped.detach() - images)).abs().sum((0, 1))  # (H, W)
-            allowed = self.allowed[k].to(importance.device)[0]
-            remaining = allowed.bool()
+            allowed = variables["allowed"][k]
+            remaining = allowed[0].bool()
             drop = int(self.prune_fraction * int(remaining.sum()))
             if drop < 1:
                 continue
             scores = torch.where(remaining, importance, torch.full_like(importance, float("inf")))
-            removed = scores.flatten().topk(drop, largest=False).indices
-            allowed = allowed.flatten().clone()
-            allowed[removed] = 0.0
-            self.allowed[k] = allowed.view(1, *importance.shape).cpu()
+            allowed.view(-1)[scores.flatten().topk(drop, largest=False).indices] = 0.0
 
     def size(self, variables: Variables, index: Sequence[int]) -> Tensor:
-        return torch.stack([self.allowed[k].sum() for k in index])
+        return torch.stack([variables["allowed"][k].sum() for k in index])
 
     def trigger(self, variables: Variables, index: Sequence[int]) -> Trigger:
         allowed, values = (part.detach().cpu() for part in self.parts(variables, index))
