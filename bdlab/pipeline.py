@@ -29,6 +29,7 @@ from bdlab.defenses.base import Defense
 from bdlab.errors import build
 from bdlab.evaluate import evaluate
 from bdlab.models.classifier import Classifier, build_classifier
+from bdlab.stealth import stealthiness
 from bdlab.training.augment import TrainAugment
 from bdlab.training.fit import fit, fit_classifier, training_batches
 from bdlab.training.recipe import TrainingRecipe
@@ -289,6 +290,10 @@ def execute(experiment: Experiment, output_dir: Path, loggers: list[Logger]) -> 
     undefended = evaluate(trojan_model, data.test, poisoned_test, attack.target_class)
     metrics.update(undefended.metrics("trojan"))
     metrics["attack/cad"] = metrics["clean/acc"] - metrics["trojan/acc"]
+    if poisoned_test is not None:
+        sources = data.test.images[attack.test_sources(data.test)]
+        metrics.update(stealthiness(sources, poisoned_test.images, experiment.device))
+        metrics.update(attack.report(data.test, poisoned_test, experiment.device))
     experiment.timings["evaluate_s"] = time.perf_counter() - started
 
     keys = {"clean": resources.clean_key(), "trojan": resources.trojan_key()}

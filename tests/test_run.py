@@ -63,6 +63,8 @@ def test_end_to_end_then_cache_reuse(tmp_path: Path) -> None:
     assert set(metrics) >= {"clean/acc", "trojan/acc", "trojan/asr", "trojan/tmc", "trojan/ccc", "attack/cad"}
     assert metrics["attack/cad"] == pytest.approx(metrics["clean/acc"] - metrics["trojan/acc"])
     assert metrics["trojan/acc"] > 80 and metrics["trojan/asr"] > 80
+    # a 4x4 patch on 16x16 images: a visible change, far below a blend's PSNR cap
+    assert 5 < metrics["attack/psnr"] < 40 and 0 < metrics["attack/ssim"] < 1 and metrics["attack/linf"] > 0
     assert results["config"]["attack"]["poison_rate"] == 0.2 and results["seed"] == 0
     assert results["versions"]["torch"] and "total_s" in results["timings"]
     assert not results["artifacts"]["clean_model"]["reused"]

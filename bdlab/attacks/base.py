@@ -121,6 +121,8 @@ class Attack(TrainingHooks, ABC):
         ("trojan/acc", "ACC of the trojaned model (%)"),
         ("trojan/asr", "ASR (%)"),
         ("attack/cad", "CAD of the attack (clean ACC - trojaned ACC, points)"),
+        ("attack/psnr", "PSNR of poisoned vs clean test images (dB, higher is stealthier)"),
+        ("attack/linf", "L-inf change (grey levels, 0-255)"),
     )
 
     def __init__(self, poison_rate: float = 0.1, target_class: int = 0, seed: int = 0, enhance: bool = False,
@@ -230,10 +232,20 @@ class Attack(TrainingHooks, ABC):
             return self.relabelled(train, train.images)
         return self.poison_train(train, device)
 
+    def test_sources(self, test: ImageSet) -> Tensor:
+        """Indices of the test images :meth:`poison_test` stamps, in its order: those whose true label is
+        not the target. Stealthiness compares each poisoned test image with its source."""
+        return (test.labels != self.target_class).nonzero().flatten()
+
     def poison_test(self, test: ImageSet, device: torch.device | str = "cpu") -> ImageSet:
         """Stamped copies of the test images whose true label is not the target; labels stay the true ones."""
-        keep = (test.labels != self.target_class).nonzero().flatten()
+        keep = self.test_sources(test)
         return ImageSet(self.stamp(test.images[keep], device), test.labels[keep])
+
+    def report(self, test: ImageSet, poisoned_test: ImageSet, device: torch.device | str = "cpu") -> dict[str, float]:
+        """Metrics only this attack has (``attack/...``, e.g. a decoder's bit accuracy), computed after
+        training from the clean and poisoned test sets; none by default."""
+        return {}
 
     def stamp_training(self, x: Tensor) -> Tensor:
         """The trigger on the flagged images of a training batch (attacks that stamp per batch)."""

@@ -160,6 +160,7 @@ class ClassState:
     best_size: float = math.inf
     best_success: float = -1.0
     best_reached: bool = False
+    best_loss: float = math.inf
     best: Trigger | None = None
     last_loss: float = math.nan
 
@@ -326,11 +327,12 @@ class InversionEngine:
         state.last_loss = loss
         improved = (reached and (not state.best_reached or size < state.best_size)) or \
             (not reached and not state.best_reached and success > state.best_success)
-        if not self.method.regularised and reached and state.best_reached:
-            improved = success > state.best_success  # no size objective: the most successful trigger
+        if not self.method.regularised:  # no size objective: the most successful trigger, then the lowest loss
+            improved = success > state.best_success or (success == state.best_success and loss < state.best_loss)
         if improved:
             previous = state.best_size
             state.best, state.best_size, state.best_success, state.best_reached = trigger, size, success, reached
+            state.best_loss = loss
             state.stale = 0 if (reached and size < previous) or not math.isfinite(previous) else state.stale + 1
         else:
             state.stale += 1
