@@ -49,6 +49,7 @@ def test_every_analysis_writes_its_files_and_logs_to_wandb(tmp_path: Path, tmp_p
     (["attack=none", "analysis=image_transform"], "analysis.image_transform"),
     (["attack=none", "analysis=shrink_ablation"], "analysis.shrink_ablation"),
     (["attack=blended", "analysis=trigger_location"], "analysis.trigger_location"),
+    (["attack=targeted", "analysis=trigger_transform"], "analysis.trigger_transform"),  # placed per image
     (["analysis=shrink_ablation", "analysis.shrink_ablation.sizes=[0,16]"], "analysis.shrink_ablation.sizes"),
     (["analysis=trigger_transform", "analysis.trigger_transform.scales=[0]"], "analysis.trigger_transform.scales"),
     (["analysis=trigger_transform", "analysis.trigger_transform.points=4"], "analysis.trigger_transform.points"),

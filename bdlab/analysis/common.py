@@ -24,8 +24,9 @@ from bdlab.metrics import percent
 def require_trigger(field: str, attack: Attack, local: bool = False) -> None:
     """Refuse attacks without a mask-and-pattern trigger (``local``: one that leaves some pixels untouched)."""
     if not isinstance(attack, MaskPatternAttack) or attack.trigger_mask is None:
-        raise ConfigError(field, f"needs an attack with a trigger mask and pattern (badnets, blended, "
-                          f"label_consistent); attack {attack.display_name!r} has none")
+        raise ConfigError(field, f"transforms the trigger alone, which needs one fixed mask-and-pattern trigger "
+                          f"(badnets, blended, uat, ...); attack {attack.display_name!r} has none (a sample-specific "
+                          "or randomly placed trigger): use analysis=image_transform")
     if local and bool(attack.trigger_mask.all()):
         raise ConfigError(field, f"needs a local trigger; attack {attack.display_name!r} covers the whole image")
 
