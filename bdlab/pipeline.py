@@ -29,6 +29,7 @@ from bdlab.defenses.base import Defense
 from bdlab.errors import build
 from bdlab.evaluate import evaluate
 from bdlab.models.classifier import Classifier, build_classifier
+from bdlab.nsr import model_nsr
 from bdlab.stealth import stealthiness
 from bdlab.training.augment import TrainAugment
 from bdlab.training.fit import fit, fit_classifier, training_batches
@@ -102,6 +103,7 @@ def prepare(cfg: DictConfig) -> Experiment:
     experiment.new_model()  # checks that the model accepts the dataset's input
     attack.setup(data, experiment.resources)
     defense.setup(data, attack)
+    defense.check_model(experiment.new_model())
     for analysis in analyses:
         analysis.setup(data, attack)
     experiment.timings["data_load_s"] = load_time
@@ -293,6 +295,8 @@ def execute(experiment: Experiment, output_dir: Path, loggers: list[Logger]) -> 
     if poisoned_test is not None:
         sources = data.test.images[attack.test_sources(data.test)]
         metrics.update(stealthiness(sources, poisoned_test.images, experiment.device))
+        metrics["clean/nsr"] = model_nsr(clean_model, sources, poisoned_test.images)
+        metrics["trojan/nsr"] = model_nsr(trojan_model, sources, poisoned_test.images)
         metrics.update(attack.report(data.test, poisoned_test, experiment.device))
     experiment.timings["evaluate_s"] = time.perf_counter() - started
 

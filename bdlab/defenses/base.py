@@ -8,6 +8,7 @@ from typing import Any
 from bdlab.attacks.base import Attack
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
+from bdlab.models.classifier import Classifier
 
 
 class Defense(ABC):
@@ -21,6 +22,10 @@ class Defense(ABC):
 
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
         """Validate parameters against the dataset and attack; raise ConfigError on bad values."""
+
+    def check_model(self, model: Classifier) -> None:
+        """Validate parameters against the run's architecture (a fresh, untrained model: layer names,
+        channel counts); raise ConfigError on bad values. Nothing to check by default."""
 
     @abstractmethod
     def run(self, context: RunContext) -> dict[str, Any]:

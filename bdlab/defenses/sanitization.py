@@ -4,8 +4,9 @@ A sanitiser returns a new model from the trojaned one. The protocol caches it un
 (the trojaned model's key and the defense's settings, in ``models/sanitized/<name>/``), evaluates
 it with the one evaluator and reports, against the undefended model: ``defense/acc``,
 ``defense/asr``, ``defense/ccc``, ``defense/tmc``, their ``*_before`` values, ``defense/ard``
-(ASR before - after), ``defense/cad`` (ACC before - after) and ``defense/art_s`` (the
-sanitisation's running time, as measured when it ran, also on a cache hit).
+(ASR before - after), ``defense/cad`` (ACC before - after), ``defense/nsr`` (the sanitised model's
+neuron separation ratio, :mod:`bdlab.nsr`; the trojaned model's is ``trojan/nsr``) and
+``defense/art_s`` (the sanitisation's running time, as measured when it ran, also on a cache hit).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from bdlab.datasets.base import ImageSet
 from bdlab.defenses.base import Defense
 from bdlab.evaluate import defense_effect, evaluate
 from bdlab.models.classifier import Classifier
+from bdlab.nsr import model_nsr
 from bdlab.training.augment import TrainAugment
 from bdlab.training.fit import fit_classifier
 from bdlab.training.recipe import TrainingRecipe
@@ -49,6 +51,7 @@ class ModelSanitization(Defense):
         ("defense/ard", "ARD (ASR before - after the defense, points)"),
         ("defense/cad", "CAD of the defense (ACC before - after, points)"),
         ("defense/art_s", "Model sanitisation: running time per model (s)"),
+        ("defense/nsr", "NSR of the sanitised model"),
     )
 
     @abstractmethod
@@ -87,6 +90,9 @@ class ModelSanitization(Defense):
         metrics["defense/art_s"] = float(tensors["seconds"])
         metrics.update({f"defense/{k.removeprefix('report/')}": float(v) for k, v in tensors.items()
                         if k.startswith("report/")})
+        if context.poisoned_test is not None:
+            sources = context.data.test.images[context.attack.test_sources(context.data.test)]
+            metrics["defense/nsr"] = model_nsr(model, sources, context.poisoned_test.images)
         metrics.update(self.compare(context, context.trojan_model, model))
         return metrics
 

@@ -1,0 +1,51 @@
+"""Neuron separation ratio (TrojanZoo §4.2, Eq. 4; Table 16): how differently a layer's neurons respond to
+clean and to triggered inputs.
+
+``NSR = 1 - |N_t ∩ N_c| / |N_t ∪ N_c|`` with ``N_c`` and ``N_t`` the top-k neurons of the layer by mean
+activation over clean and over triggered inputs. A benign model uses the same neurons for both (NSR
+near 0); a trojaned one routes triggered inputs through neurons clean inputs leave quiet. ``k`` is
+:data:`TOP_SHARE` (10%) of the layer's neurons, at least one (TrojanZoo leaves it unstated); the layer
+is the penultimate one, as in the paper. A convolution's channels are averaged over space.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from bdlab.datasets.base import to_float
+from bdlab.models.classifier import PENULTIMATE, Classifier
+
+TOP_SHARE = 0.1
+#: images of each kind NSR averages over (the first ones of the clean and the poisoned test sets)
+MAX_IMAGES = 1000
+
+
+def top_k(mean_activation: Tensor, k: int) -> set[int]:
+    return set(mean_activation.topk(k).indices.tolist())
+
+
+def neuron_separation(clean: Tensor, triggered: Tensor, k: int) -> float:
+    """Eq. 4 on activations ``(N, D)`` of clean inputs and ``(M, D)`` of triggered ones."""
+    if clean.shape[1:] != triggered.shape[1:] or not 1 <= k <= clean.shape[1]:
+        raise ValueError(f"need activations over the same {clean.shape[1]} neurons and 1 <= k <= that, got k={k}")
+    c, t = top_k(clean.mean(0), k), top_k(triggered.mean(0), k)
+    return 1.0 - len(c & t) / len(c | t)
+
+
+@torch.no_grad()
+def layer_activations(model: Classifier, images: Tensor, layer: str, batch: int = 500) -> Tensor:
+    """``(N, D)`` activations of ``layer`` for uint8 ``images`` (channels averaged over space)."""
+    device = next(model.parameters()).device
+    outputs = []
+    for start in range(0, len(images), batch):
+        out = model.features(to_float(images[start:start + batch].to(device)), layer)
+        outputs.append((out.mean((2, 3)) if out.dim() == 4 else out.flatten(1)).cpu())
+    return torch.cat(outputs)
+
+
+def model_nsr(model: Classifier, clean: Tensor, triggered: Tensor, layer: str = PENULTIMATE) -> float:
+    """NSR of ``model`` at ``layer`` from the first :data:`MAX_IMAGES` uint8 clean and triggered images."""
+    a = layer_activations(model, clean[:MAX_IMAGES], layer)
+    b = layer_activations(model, triggered[:MAX_IMAGES], layer)
+    return neuron_separation(a, b, max(1, round(TOP_SHARE * a.shape[1])))
