@@ -180,7 +180,7 @@ def test_every_attack_and_defense_option_prepares(group: str) -> None:
         cfg = compose_config(overrides)
         # the tiny run holds out 90 images, not 500: shrink an inspection defense's (or its nested inspector's) share
         for prefix, node in ((group, cfg[group]), (f"{group}.inspector", cfg[group].get("inspector"))):
-            if node is not None and "optimisation_images" in node:
+            if node is not None and "evaluation_images" in node:
                 overrides += [f"{prefix}.optimisation_images=50", f"{prefix}.evaluation_images=40"]
         cfg = compose_config(overrides)
         built = getattr(prepare(cfg), group)
