@@ -312,6 +312,8 @@ def test_the_input_aware_module_trains_masks_first_then_freezes_them(tmp_path: P
     patterns_before = {k: v.clone() for k, v in attack.generator.state_dict().items()}
     fit(module, experiment.recipe, 0)
     assert module.mask_steps_done == 3 and not attack.mask_generator.training
+    classifier, generator, _ = module.trainer.optimizers  # the generator anneals with the classifier (cosine)
+    assert generator.param_groups[0]["lr"] < 1e-6 and classifier.param_groups[0]["lr"] < 1e-6
     masks_after, patterns_after = attack.mask_generator.state_dict(), attack.generator.state_dict()
     assert any(not torch.equal(masks_before[k], masks_after[k]) for k in masks_before)
     assert any(not torch.equal(patterns_before[k], patterns_after[k]) for k in patterns_before)

@@ -112,7 +112,8 @@ class InputAware(Attack):
        The loss is the cross-entropy over the batch plus ``lambda_div`` times the diversity loss
        (Eq. 4) ``||x - x'|| / ||g(x) - g(x')||`` over pairs of the generated patterns. The
        classifier steps with the run's recipe, the generators with Adam (the official code's
-       learning rate 0.01, betas (0.5, 0.9)).
+       learning rate 0.01, betas (0.5, 0.9)); the pattern generator's rate follows the recipe's
+       schedule too (the official code decays both).
 
     After training, each poisoned test (and training) image is stamped with its own generated
     trigger. Both generators' weights are stored with the trojaned model.
@@ -283,8 +284,9 @@ class InputAwareModule(VictimModule):
     - during the first ``mask_steps`` batches, one Adam step of the mask generator on its own loss
       (:meth:`InputAware.mask_loss`) on the first ``mask_batch`` clean images of the batch; frozen
       (eval mode) afterwards;
-    - one joint step of the classifier (the recipe's optimizer; its scheduler stepped per epoch) and
-      the pattern generator (Adam) on the cross-entropy of the poisoned batch plus the diversity loss.
+    - one joint step of the classifier (the recipe's optimizer) and the pattern generator (Adam) on
+      the cross-entropy of the poisoned batch plus the diversity loss; the recipe's scheduler, one
+      for each of the two, is stepped per epoch.
 
     Logs, per epoch, the mask loss (while its stage lasts) and the mean mask density of the
     generated triggers beside the victim module's metrics.
@@ -331,8 +333,8 @@ class InputAwareModule(VictimModule):
         self._density_sums = torch.zeros(2, device=self.device)
 
     def on_train_epoch_end(self) -> None:
-        scheduler = self.lr_schedulers()
-        if scheduler is not None:
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers] if schedulers else []:
             scheduler.step()
         reduce = self.trainer.strategy.reduce
         logged = {}
@@ -347,9 +349,11 @@ class InputAwareModule(VictimModule):
     def configure_optimizers(self):
         model = self.recipe.configure_optimizers(self.model.parameters())
         adam = {"betas": (0.5, 0.9)}  # the official code's
-        optimizers = [model if isinstance(model, torch.optim.Optimizer) else model["optimizer"],
-                      torch.optim.Adam(self.generator.parameters(), lr=self.hooks.generator_lr, **adam),
+        generator = torch.optim.Adam(self.generator.parameters(), lr=self.hooks.generator_lr, **adam)
+        optimizers = [model if isinstance(model, torch.optim.Optimizer) else model["optimizer"], generator,
                       torch.optim.Adam(self.mask_generator.parameters(), lr=self.hooks.mask_lr, **adam)]
         if isinstance(model, torch.optim.Optimizer):
             return optimizers
-        return optimizers, [model["lr_scheduler"]]
+        # the pattern generator anneals with the classifier (the official code decays both): with a constant
+        # rate it keeps moving its triggers while the classifier, at the end of its schedule, no longer follows
+        return optimizers, [model["lr_scheduler"], {**model["lr_scheduler"], "scheduler": self.recipe.scheduler(generator)}]
