@@ -14,6 +14,7 @@ from bdlab.compose import CONFIG_DIR, compose_config
 from bdlab.errors import ConfigError
 from bdlab.pipeline import prepare
 from tests.conftest import TINY_RUN
+from tests.test_issba import TINY_ENCODER
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -182,6 +183,8 @@ def test_every_attack_and_defense_option_prepares(group: str) -> None:
         for prefix, node in ((group, cfg[group]), (f"{group}.inspector", cfg[group].get("inspector"))):
             if node is not None and "evaluation_images" in node:
                 overrides += [f"{prefix}.optimisation_images=50", f"{prefix}.evaluation_images=40"]
+        if group == "attack" and option == "issba":  # 16x16 carries 32 bits, and the encoder trains in setup
+            overrides += [f"attack.{key}={value}" for key, value in TINY_ENCODER.items()]
         cfg = compose_config(overrides)
         built = getattr(prepare(cfg), group)
         assert f"{type(built).__module__}.{type(built).__name__}".endswith(cfg[group]._target_.split(".")[-1])
