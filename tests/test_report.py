@@ -81,6 +81,19 @@ def test_mean_and_std_over_seeds(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert float(mean) == pytest.approx(93.0) and float(std) == pytest.approx(math.sqrt(13.0))
 
 
+def test_a_metric_that_does_not_apply_reads_n_a(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """NaN (the run says the metric does not apply) and an absent key read "n/a", never 0 or blank; a cell
+    with no run at all reads "missing"."""
+    write_result(tmp_path / "a", defense="neural_cleanse", metrics={"defense/mjs": 0.5})
+    write_result(tmp_path / "b", attack="wanet", defense="neural_cleanse", metrics={"defense/mjs": math.nan})
+    write_result(tmp_path / "c", attack="wanet", defense="strip", metrics={"defense/tpr": 80.0})
+    assert report_main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| badnets | 0.50 | missing |" in out and "| wanet | n/a | n/a |" in out
+    assert read_table(tmp_path / "report" / "tables" / "mnist_lenet__defense_mjs.csv")["wanet", "neural_cleanse"] \
+        == ("", "")
+
+
 def test_efficacy_specificity_auc_when_the_poisoning_rate_is_swept(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture) -> None:
     # (rate, CAD, ASR); the last point's CAD exceeds the paper's 3-point bound and is left out

@@ -123,7 +123,7 @@ class Attack(TrainingHooks, ABC):
         ("attack/cad", "CAD of the attack (clean ACC - trojaned ACC, points)"),
         ("attack/psnr", "PSNR of poisoned vs clean test images (dB, higher is stealthier)"),
         ("attack/linf", "L-inf change (grey levels, 0-255)"),
-        ("trojan/nsr", "NSR of the trojaned model (penultimate layer, top 10%)"),
+        ("trojan/nsr", "NSR of the trojaned model (penultimate layer, top 10%; TrojanZoo Table 16)"),
     )
 
     def __init__(self, poison_rate: float = 0.1, target_class: int = 0, seed: int = 0, enhance: bool = False,

@@ -10,6 +10,18 @@ from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
 from bdlab.models.classifier import Classifier
 
+# Metrics that several categories report share one title, which names the TrojanZoo table the report's table of
+# that metric corresponds to (TrojanZoo, Pang et al. EuroS&P 2022, Tables 8-13 and 16).
+ARD = ("defense/ard", "ARD: ASR before - after the defense (points; TrojanZoo Table 8)")
+DEFENSE_CAD = ("defense/cad", "CAD of the defense: ACC before - after (points; TrojanZoo Table 9)")
+TPR = ("defense/tpr", "Input filtering: TPR at 5% FPR (%; TrojanZoo Table 10)")
+AIV = ("defense/aiv_target", "Model inspection: AIV of the target class, trojaned model (TrojanZoo Table 11)")
+MLN = ("defense/mln", "Model inspection: MLN, L1 norm of the target's recovered mask (TrojanZoo Table 12)")
+MJS = ("defense/mjs", "Model inspection: MJS, Jaccard of the recovered and true masks (TrojanZoo Table 12)")
+ART_MODEL = ("defense/art_s", "ART: defense running time per model (s; TrojanZoo Table 13)")
+ART_INPUT = ("defense/time_per_input_ms", "ART: input filtering time per input (ms; TrojanZoo Table 13)")
+DEFENSE_NSR = ("defense/nsr", "NSR of the defended model (TrojanZoo Table 16)")
+
 
 class Defense(ABC):
     """Base of every defense. ``setup`` validates against the data before anything is trained;

@@ -25,6 +25,7 @@ from torch import Tensor
 from bdlab.attacks.base import Attack, NoAttack
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
+from bdlab.defenses.base import ARD, DEFENSE_CAD
 from bdlab.defenses.filtering import InputFilteringDefense, roc_auc
 from bdlab.errors import ConfigError
 from bdlab.evaluate import EVAL_BATCH, defense_effect, evaluate, model_device
@@ -64,8 +65,8 @@ class DataFilteringDefense(InputFilteringDefense):
         ("defense/poison_roc_auc", "Data filtering: ROC-AUC"),
         ("defense/acc", "ACC after retraining on the kept samples (%)"),
         ("defense/asr", "ASR after retraining on the kept samples (%)"),
-        ("defense/ard", "ARD (ASR before - after the defense, points)"),
-        ("defense/cad", "CAD of the defense (ACC before - after, points)"),
+        ARD,
+        DEFENSE_CAD,
     )
     #: whether :meth:`detect` compares against held-out clean features (see :meth:`clean_reference`)
     needs_clean_reference = False

@@ -33,7 +33,7 @@ from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc
 
 from bdlab.context import RunContext
-from bdlab.defenses.base import Defense
+from bdlab.defenses.base import ART_INPUT, TPR, Defense
 from bdlab.errors import ConfigError, check_range
 from bdlab.evaluate import evaluate
 from bdlab.metrics import percent
@@ -115,9 +115,10 @@ class InputFilteringDefense(Defense):
 
     category = "input_filtering"
     headline_metrics = (
-        ("defense/tpr", "Input filtering: TPR at 5% FPR (%)"),
+        TPR,
         ("defense/fpr", "Input filtering: FPR (%)"),
         ("defense/roc_auc", "Input filtering: ROC-AUC"),
+        ART_INPUT,
     )
 
     def __init__(self, fpr: float = 0.05, max_inputs: int | None = None, seed: int = 0) -> None:

@@ -41,7 +41,7 @@ from bdlab.attacks.base import Attack, NoAttack
 from bdlab.cache import ArtifactCache
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
-from bdlab.defenses.base import Defense
+from bdlab.defenses.base import AIV, ART_MODEL, MJS, MLN, Defense
 from bdlab.errors import ConfigError, check_at_least
 from bdlab.evaluate import predict_logits
 from bdlab.inversion.engine import EpochScheduler, InversionEngine, InversionMethod, InversionResult, Schedule, Trigger
@@ -141,14 +141,14 @@ class ModelInspection(Defense):
 
     category = "model_inspection"
     headline_metrics = (
-        ("defense/aiv_target", "Model inspection: AIV of the target class (trojaned model)"),
+        AIV,
         ("defense/target_flagged", "Model inspection: target class flagged (1) or not (0)"),
         ("defense/clean_aiv_max", "Model inspection: largest AIV on the clean model (false positives above 2)"),
-        ("defense/mln", "Model inspection: MLN, L1 norm of the target's recovered mask"),
-        ("defense/mjs", "Model inspection: MJS, Jaccard of the recovered and true masks"),
+        MLN,
+        MJS,
         ("defense/pixels", "Model inspection: #pixels of the target's recovered trigger"),
         ("defense/trigger_asr", "Model inspection: held-out ASR of the target's recovered trigger (%)"),
-        ("defense/art_s", "Model inspection: running time per model (s)"),
+        ART_MODEL,
     )
 
     def __init__(self, epochs: int = 100, batch_size: int = 32, lr: float | None = None, threshold: float = 0.99,

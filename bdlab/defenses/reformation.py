@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from bdlab.attacks.base import Attack
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
-from bdlab.defenses.base import Defense
+from bdlab.defenses.base import ARD, DEFENSE_CAD, Defense
 from bdlab.errors import ConfigError, check_range
 from bdlab.evaluate import EVAL_BATCH, Transform, defense_effect, evaluate, model_device
 from bdlab.models.classifier import Classifier
@@ -44,8 +44,8 @@ class InputReformation(Defense):
     headline_metrics = (
         ("defense/acc", "ACC under the defense (%)"),
         ("defense/asr", "ASR under the defense (%)"),
-        ("defense/ard", "ARD (ASR before - after the defense, points)"),
-        ("defense/cad", "CAD of the defense (ACC before - after, points)"),
+        ARD,
+        DEFENSE_CAD,
     )
 
     def __init__(self, seed: int = 0) -> None:

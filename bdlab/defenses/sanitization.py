@@ -21,7 +21,7 @@ import torch
 
 from bdlab.context import RunContext
 from bdlab.datasets.base import ImageSet
-from bdlab.defenses.base import Defense
+from bdlab.defenses.base import ARD, ART_MODEL, DEFENSE_CAD, DEFENSE_NSR, Defense
 from bdlab.evaluate import defense_effect, evaluate
 from bdlab.models.classifier import Classifier
 from bdlab.nsr import model_nsr
@@ -48,10 +48,10 @@ class ModelSanitization(Defense):
     headline_metrics = (
         ("defense/acc", "ACC of the sanitised model (%)"),
         ("defense/asr", "ASR of the sanitised model (%)"),
-        ("defense/ard", "ARD (ASR before - after the defense, points)"),
-        ("defense/cad", "CAD of the defense (ACC before - after, points)"),
-        ("defense/art_s", "Model sanitisation: running time per model (s)"),
-        ("defense/nsr", "NSR of the sanitised model"),
+        ARD,
+        DEFENSE_CAD,
+        ART_MODEL,
+        DEFENSE_NSR,
     )
 
     @abstractmethod

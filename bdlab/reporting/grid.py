@@ -145,7 +145,8 @@ def grids(labelled: list[Labelled]) -> list[Grid]:
                 if not record.ok:
                     continue
                 for metric, value in record.metrics.items():
-                    if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    # NaN is how a run says a metric does not apply to it (e.g. MJS without a fixed trigger mask)
+                    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
                         cell = cells[metric].setdefault((row, column), Cell())
                         cell.values.append(float(value))
                         cell.seeds.append(record.seed)

@@ -41,7 +41,7 @@ def heatmap_figure(grid: Grid, metric: str, title: str) -> Figure:
             if np.isfinite(values[i, j]):
                 text, color = f"{values[i, j]:.2f}", "black" if values[i, j] > middle else "white"
             else:
-                text, color = ("failed" if runs and not any(r.ok for r in runs) else "–" if runs else "missing"), "black"
+                text, color = ("failed" if runs and not any(r.ok for r in runs) else "n/a" if runs else "missing"), "black"
             axes.text(j, i, text, ha="center", va="center", color=color, fontsize=8)
     figure.tight_layout()
     return figure

@@ -9,17 +9,19 @@ from pathlib import Path
 
 from bdlab.reporting.grid import Cell, Grid
 
+
 def slug(text: str) -> str:
     """A file-name-safe form of a label."""
     return re.sub(r"[^A-Za-z0-9.=-]+", "_", text).strip("_")
 
 
 def show(cell: Cell, ran: bool) -> str:
-    """A Markdown cell: ``mean ± std`` over seeds, ``failed``, ``missing`` (no run) or ``–`` (not measured)."""
+    """A Markdown cell: ``mean ± std`` over seeds, ``failed``, ``missing`` (no run) or ``n/a`` (the cell's runs do
+    not produce the metric, or report it as not applicable: NaN)."""
     if cell.values:
         text = f"{cell.mean:.2f}" + (f" ± {cell.std:.2f}" if len(cell.values) > 1 else "")
         return text + (f" ({cell.failed} failed)" if cell.failed else "")
-    return "–" if ran else "missing"
+    return "n/a" if ran else "missing"
 
 
 def metrics_of(grid: Grid) -> list[tuple[str, str]]:
