@@ -106,6 +106,7 @@ def prepare(cfg: DictConfig) -> Experiment:
     defense.check_model(experiment.new_model())
     for analysis in analyses:
         analysis.setup(data, attack)
+        analysis.check_model(experiment.new_model())
     experiment.timings["data_load_s"] = load_time
     return experiment
 

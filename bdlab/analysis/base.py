@@ -8,6 +8,7 @@ from typing import Any
 from bdlab.attacks.base import Attack
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
+from bdlab.models.classifier import Classifier
 
 
 class Analysis(ABC):
@@ -25,6 +26,10 @@ class Analysis(ABC):
 
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
         """Validate against the dataset and attack."""
+
+    def check_model(self, model: Classifier) -> None:
+        """Validate against the run's architecture (a fresh, untrained model: named layers), before anything
+        is trained; raise ConfigError on bad values. Nothing to check by default."""
 
     @abstractmethod
     def run(self, context: RunContext) -> dict[str, Any]:
