@@ -79,6 +79,13 @@ def test_every_sweep_file_names_existing_options(sweep: str) -> None:
     assert grid_problems(cfg) == []
 
 
+def test_the_trojanzoo_sweep_covers_every_attack_and_every_defense() -> None:
+    """TrojanZoo's grid is every attack bdlab has x every defense: a new option must join it."""
+    params = sweep_config("+sweep=trojanzoo").hydra.sweeper.params
+    assert sorted(params.attack.split(",")) == [o for o in options("attack") if o != "none"]
+    assert sorted(params.defense.split(",")) == options("defense")
+
+
 def test_bad_grids_are_refused_with_one_line_each(capsys: pytest.CaptureFixture) -> None:
     cfg = sweep_config("+sweep=smoke")
     cfg.hydra.overrides.task = ["attack=badnets,nosuch", "defense=none,nope"]
