@@ -29,7 +29,7 @@ from bdlab.defenses.base import Defense
 from bdlab.errors import build
 from bdlab.evaluate import evaluate
 from bdlab.models.classifier import Classifier, build_classifier
-from bdlab.nsr import model_nsr
+from bdlab.nsr import NSRSettings
 from bdlab.stealth import stealthiness
 from bdlab.training.augment import TrainAugment
 from bdlab.training.fit import fit, fit_classifier, training_batches
@@ -104,6 +104,7 @@ def prepare(cfg: DictConfig) -> Experiment:
     attack.setup(data, experiment.resources)
     defense.setup(data, attack)
     defense.check_model(experiment.new_model())
+    NSRSettings.from_config(cfg).check(experiment.new_model(), tuple(data.train.images.shape[1:]))
     for analysis in analyses:
         analysis.setup(data, attack)
         analysis.check_model(experiment.new_model())
@@ -296,8 +297,9 @@ def execute(experiment: Experiment, output_dir: Path, loggers: list[Logger]) -> 
     if poisoned_test is not None:
         sources = data.test.images[attack.test_sources(data.test)]
         metrics.update(stealthiness(sources, poisoned_test.images, experiment.device))
-        metrics["clean/nsr"] = model_nsr(clean_model, sources, poisoned_test.images)
-        metrics["trojan/nsr"] = model_nsr(trojan_model, sources, poisoned_test.images)
+        nsr = NSRSettings.from_config(experiment.cfg)
+        metrics["clean/nsr"] = nsr.measure(clean_model, sources, poisoned_test.images)
+        metrics["trojan/nsr"] = nsr.measure(trojan_model, sources, poisoned_test.images)
         metrics.update(attack.report(data.test, poisoned_test, experiment.device))
     experiment.timings["evaluate_s"] = time.perf_counter() - started
 

@@ -6,8 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from bdlab.compose import compose_config
+from bdlab.errors import ConfigError
 from bdlab.models.classifier import Classifier
-from bdlab.nsr import model_nsr, neuron_separation
+from bdlab.nsr import NSRSettings, model_nsr, neuron_separation
+from bdlab.pipeline import prepare
+from tests.conftest import TINY_RUN
 
 
 def test_same_top_neurons_give_zero_and_disjoint_ones_give_one() -> None:
@@ -65,3 +69,28 @@ def test_model_nsr_separates_inputs_that_light_different_neurons() -> None:
     triggered[:, :, :, 2:] = 255
     assert model_nsr(model, clean, triggered) == 1.0  # the brighter right half takes the top 10%
     assert model_nsr(model, clean, clean.clone()) == 0.0
+
+
+def test_settings_name_the_layer_and_k() -> None:
+    """``nsr.layer`` and ``nsr.top_k`` reach the measurement: with k = all 20 neurons both inputs share the
+    same set (NSR 0), with k = 10 they do not (NSR 1)."""
+    model = Classifier(Router(), (0.0,), (1.0,))
+    clean = torch.zeros(8, 1, 4, 4, dtype=torch.uint8)
+    clean[:, :, :, :2] = 200
+    triggered = clean.clone()
+    triggered[:, :, :, 2:] = 255
+    assert NSRSettings("fc1", 10).measure(model, clean, triggered) == 1.0
+    assert NSRSettings("fc1", 20).measure(model, clean, triggered) == 0.0
+    NSRSettings("fc1", 20).check(model, (1, 4, 4))
+
+
+@pytest.mark.parametrize("overrides, field, words", [
+    (["nsr.layer=conv9"], "nsr.layer", "conv2"),      # the line lists the layers
+    (["nsr.top_k=85"], "nsr.top_k", "84 neurons"),    # LeNet's penultimate layer is fc2's 84
+    (["nsr.layer=conv2", "nsr.top_k=17"], "nsr.top_k", "16 neurons"),
+    (["nsr.top_k=0"], "nsr.top_k", ">= 1"),
+])
+def test_bad_nsr_settings_are_refused_before_training(overrides: list[str], field: str, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        prepare(compose_config([*TINY_RUN, *overrides]))
+    assert info.value.field == field and words in str(info.value) and "\n" not in str(info.value)

@@ -24,7 +24,7 @@ from bdlab.datasets.base import ImageSet
 from bdlab.defenses.base import ARD, ART_MODEL, DEFENSE_CAD, DEFENSE_NSR, Defense
 from bdlab.evaluate import defense_effect, evaluate
 from bdlab.models.classifier import Classifier
-from bdlab.nsr import model_nsr
+from bdlab.nsr import NSRSettings
 from bdlab.training.augment import TrainAugment
 from bdlab.training.fit import fit_classifier
 from bdlab.training.recipe import TrainingRecipe
@@ -92,7 +92,8 @@ class ModelSanitization(Defense):
                         if k.startswith("report/")})
         if context.poisoned_test is not None:
             sources = context.data.test.images[context.attack.test_sources(context.data.test)]
-            metrics["defense/nsr"] = model_nsr(model, sources, context.poisoned_test.images)
+            metrics["defense/nsr"] = NSRSettings.from_config(context.cfg).measure(model, sources,
+                                                                                  context.poisoned_test.images)
         metrics.update(self.compare(context, context.trojan_model, model))
         return metrics
 
