@@ -10,6 +10,7 @@ from pytorch_lightning.loggers import WandbLogger
 
 from bdlab.compose import compose_config
 from bdlab.errors import ConfigError
+from bdlab.loggers import close_loggers
 from bdlab.pipeline import execute, prepare
 from tests.conftest import TINY_RUN
 from tests.test_transforms import shared_cache
@@ -25,7 +26,7 @@ def test_every_analysis_writes_its_files_and_logs_to_wandb(tmp_path: Path, tmp_p
     experiment = prepare(cfg)
     wandb = WandbLogger(project="bdlab", offline=True, save_dir=str(tmp_path))
     metrics = execute(experiment, tmp_path / "run", [wandb])["metrics"]
-    wandb.finalize("success")
+    close_loggers([wandb], "success")  # as the runner does: ends the W&B run, so the next test starts its own
     for name in ALL:
         folder = tmp_path / "run" / name
         assert (folder / f"{name}.csv").stat().st_size > 0 and (folder / f"{name}.png").stat().st_size > 0, name

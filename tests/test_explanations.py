@@ -12,6 +12,7 @@ from torch import nn
 from bdlab.analysis.explanations import AttributionDistance, GradCamMaps, SmoothGradMaps
 from bdlab.compose import compose_config
 from bdlab.errors import ConfigError
+from bdlab.loggers import close_loggers
 from bdlab.explain import METHODS, attribute, attribution_distance, grad_cam_layer, heatmap, mass_inside, normalise
 from bdlab.models.classifier import Classifier
 from bdlab.models.lenet import LeNet
@@ -170,7 +171,7 @@ def test_explanations_end_to_end_on_a_tiny_badnets_model(tmp_path: Path, tmp_pat
                           f"cache_dir={shared_cache(tmp_path_factory)}"])
     wandb = WandbLogger(project="bdlab", offline=True, save_dir=str(tmp_path))
     metrics = execute(prepare(cfg), tmp_path / "run", [wandb])["metrics"]
-    wandb.finalize("success")
+    close_loggers([wandb], "success")  # as the runner does: ends the W&B run, so the next test starts its own
     run = tmp_path / "run"
     for name in ("saliency", "smoothgrad", "grad_cam"):
         assert (run / name / f"{name}.png").stat().st_size > 0
