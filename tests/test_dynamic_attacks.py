@@ -11,7 +11,6 @@ import torch
 from bdlab.attacks.input_aware import InputAware, InputAwareModule, TriggerGenerator, diversity_loss, threshold
 from bdlab.attacks.wanet import WaNet, identity_grid, warp, warping_field
 from bdlab.compose import compose_config
-from bdlab.datasets.base import to_float
 from bdlab.errors import ConfigError
 from bdlab.pipeline import execute, prepare
 from bdlab.training.hooks import Batch
@@ -305,7 +304,7 @@ def test_the_input_aware_module_trains_masks_first_then_freezes_them(tmp_path: P
     from bdlab.training.fit import fit
 
     attack = experiment.attack
-    model, module, train_set = trojan_training(experiment)
+    _, module, train_set = trojan_training(experiment)
     assert isinstance(module, InputAwareModule) and train_set.is_poison.float().mean() == pytest.approx(0.1, abs=0.01)
     assert torch.equal(train_set.images, experiment.data.train.images)  # stamped per batch, not beforehand
     masks_before = {k: v.clone() for k, v in attack.mask_generator.state_dict().items()}

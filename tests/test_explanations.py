@@ -12,8 +12,8 @@ from torch import nn
 from bdlab.analysis.explanations import AttributionDistance, GradCamMaps, SmoothGradMaps
 from bdlab.compose import compose_config
 from bdlab.errors import ConfigError
-from bdlab.loggers import close_loggers
 from bdlab.explain import METHODS, attribute, attribution_distance, grad_cam_layer, heatmap, mass_inside, normalise
+from bdlab.loggers import close_loggers
 from bdlab.models.classifier import Classifier
 from bdlab.models.lenet import LeNet
 from bdlab.pipeline import execute, prepare

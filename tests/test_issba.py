@@ -210,9 +210,12 @@ def test_lpips_needs_its_weights_on_disk(tmp_path: Path) -> None:
         assert error.value.field == "attack.perceptual"
     wrong = tmp_path / "wrong.pth"
     torch.save({"features.0.weight": torch.zeros(3)}, wrong)
-    with pytest.raises(ConfigError, match="not torchvision's AlexNet") as error:
-        ISSBA(secret="a", perceptual="lpips", lpips_weights=str(wrong)).setup(tiny_splits())
-    assert error.value.field == "attack.lpips_weights"
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    for path in (wrong, garbage):  # wrong shapes; not a torch file at all
+        with pytest.raises(ConfigError, match="not torchvision's AlexNet") as error:
+            ISSBA(secret="a", perceptual="lpips", lpips_weights=str(path)).setup(tiny_splits())
+        assert error.value.field == "attack.lpips_weights"
     # with an AlexNet feature extractor on disk (random here), LPIPS is built and differentiable at 28x28
     import torchvision
 

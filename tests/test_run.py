@@ -23,7 +23,7 @@ def bdlab_run(tmp_path: Path, *overrides: str, run_dir: str = "run") -> subproce
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.run([sys.executable, "-m", "bdlab.run", *TINY_RUN, *overrides,
                            f"hydra.run.dir={tmp_path / run_dir}"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, check=False)
 
 
 def test_poisoned_examples_show_poisoned_training_images_under_their_originals(tmp_path: Path) -> None:

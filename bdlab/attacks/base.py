@@ -193,7 +193,7 @@ class Attack(TrainingHooks, ABC):
         else:
             candidates = (labels != self.target_class).nonzero().flatten()
         base = len(candidates) if self.clean_label else len(labels)
-        count = int(round(self.poison_rate * base))
+        count = round(self.poison_rate * base)
         if count > len(candidates):
             raise ConfigError("attack.poison_rate", f"{self.poison_rate} asks for {count} poisoned samples but only "
                               f"{len(candidates)} lie outside the target class; use at most "

@@ -273,7 +273,7 @@ class InputAware(Attack):
             own = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
             missing = set(network.state_dict()) - set(own)
             if missing:
-                raise KeyError(f"{prefix}{sorted(missing)[0]}")
+                raise KeyError(f"{prefix}{min(missing)}")
             network.load_state_dict(own)
 
 

@@ -15,6 +15,7 @@ Images are float ``(N, C, H, W)`` in ``[0, 1]``; bits are float ``(N, bits)`` in
 from __future__ import annotations
 
 import math
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -219,7 +220,8 @@ def lpips_distance(weights: str | Path) -> Callable[[Tensor, Tensor], Tensor]:
             for index, module in piece.named_children():
                 prefix = f"features.{index}."
                 module.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
-    except Exception as error:
+    # a file that is not a state dict fails in torch.load (unpickling, I/O) or while matching keys and shapes
+    except (OSError, RuntimeError, KeyError, ValueError, AttributeError, pickle.UnpicklingError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConfigError("attack.lpips_weights", f"{weights} is not torchvision's AlexNet state dict "
                           f"({message})") from None

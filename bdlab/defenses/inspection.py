@@ -29,6 +29,7 @@ import hashlib
 import math
 import time
 from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -230,16 +231,7 @@ class ModelInspection(Defense):
                           seconds)
 
     def run(self, context: RunContext) -> dict[str, Any]:
-        attack, data = context.attack, context.data
-        trojan = self.inspect(context.trojan_model, data, context.cache, context.model_keys.get("trojan"))
-        clean = trojan if isinstance(attack, NoAttack) else \
-            self.inspect(context.clean_model, data, context.cache, context.model_keys.get("clean"))
-        metrics = self.model_metrics(trojan, "defense/")
-        metrics.update(self.model_metrics(clean, "defense/clean_"))
-        metrics.update(self.target_metrics(trojan, attack))
-        for name, inspection in (("trojan", trojan), ("clean", clean)):
-            self.draw(inspection, data, Path(context.output_dir) / f"inspection_{name}.png")
-        return metrics
+        return inspect_trojan_and_clean(self, context)
 
     def model_metrics(self, inspection: Inspection, prefix: str) -> dict[str, Any]:
         small_side = [float(inspection.aiv[k]) for k in range(len(inspection.aiv))
@@ -287,3 +279,21 @@ class ModelInspection(Defense):
         path.parent.mkdir(parents=True, exist_ok=True)
         save_image(rows, str(path), nrow=len(trigger.mask), padding=2, pad_value=0.5)
         return path
+
+
+def inspect_trojan_and_clean(defense: Any, context: RunContext, drawable: Callable[[Any], bool] = lambda _: True,
+                             ) -> dict[str, Any]:
+    """The inspection protocol's run, shared by every model-inspection defense: inspect the trojaned model
+    and the clean reference (the same model when there is no attack), report both under `defense/` and
+    `defense/clean_` with the target's metrics, and draw each inspection that `drawable` accepts."""
+    attack, data = context.attack, context.data
+    trojan = defense.inspect(context.trojan_model, data, context.cache, context.model_keys.get("trojan"))
+    clean = trojan if isinstance(attack, NoAttack) else \
+        defense.inspect(context.clean_model, data, context.cache, context.model_keys.get("clean"))
+    metrics = defense.model_metrics(trojan, "defense/")
+    metrics.update(defense.model_metrics(clean, "defense/clean_"))
+    metrics.update(defense.target_metrics(trojan, attack))
+    for name, inspection in (("trojan", trojan), ("clean", clean)):
+        if drawable(inspection):
+            defense.draw(inspection, data, Path(context.output_dir) / f"inspection_{name}.png")
+    return metrics

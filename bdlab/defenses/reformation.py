@@ -29,8 +29,17 @@ from bdlab.defenses.base import ARD, DEFENSE_CAD, Defense
 from bdlab.errors import ConfigError, check_range
 from bdlab.evaluate import EVAL_BATCH, Transform, defense_effect, evaluate, model_device
 from bdlab.models.classifier import Classifier
-from bdlab.transforms import (check_jitter, check_shrink, check_std, color_jitter, down_upsample, gaussian_noise,
-                              make_generator, random_flip, shrink_pad)
+from bdlab.transforms import (
+    check_jitter,
+    check_shrink,
+    check_std,
+    color_jitter,
+    down_upsample,
+    gaussian_noise,
+    make_generator,
+    random_flip,
+    shrink_pad,
+)
 
 
 class InputReformation(Defense):

@@ -37,7 +37,15 @@ from bdlab.cache import ArtifactCache
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
 from bdlab.defenses.base import Defense
-from bdlab.defenses.inspection import ModelInspection, anomaly_index, count_pixels, holdout_success, mask_jaccard, median
+from bdlab.defenses.inspection import (
+    ModelInspection,
+    anomaly_index,
+    count_pixels,
+    holdout_success,
+    inspect_trojan_and_clean,
+    mask_jaccard,
+    median,
+)
 from bdlab.errors import ConfigError, check_at_least
 from bdlab.inversion.engine import Trigger
 
@@ -158,17 +166,8 @@ class ScoreInspection(Defense):
                                      seconds, trigger, success, extras)
 
     def run(self, context: RunContext) -> dict[str, Any]:
-        attack, data = context.attack, context.data
-        trojan = self.inspect(context.trojan_model, data, context.cache, context.model_keys.get("trojan"))
-        clean = trojan if isinstance(attack, NoAttack) else \
-            self.inspect(context.clean_model, data, context.cache, context.model_keys.get("clean"))
-        metrics = self.model_metrics(trojan, "defense/")
-        metrics.update(self.model_metrics(clean, "defense/clean_"))
-        metrics.update(self.target_metrics(trojan, attack))
-        for name, inspection in (("trojan", trojan), ("clean", clean)):
-            if inspection.trigger is not None:
-                self.draw(inspection, data, Path(context.output_dir) / f"inspection_{name}.png")
-        return metrics
+        # only the inspectors that reverse-engineer a trigger have one to draw
+        return inspect_trojan_and_clean(self, context, drawable=lambda inspection: inspection.trigger is not None)
 
     def model_metrics(self, inspection: ScoreInspectionResult, prefix: str) -> dict[str, Any]:
         """The model's keys: largest AIV on the suspicious side, the flags, ART and the per-class lists."""
