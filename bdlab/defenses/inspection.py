@@ -268,17 +268,22 @@ class ModelInspection(Defense):
         }
 
     def draw(self, inspection: Inspection, data: DatasetSplits, path: Path) -> Path:
-        """One column per class: the recovered footprint over the trigger stamped on a held-out image."""
-        trigger = inspection.result.trigger
+        """The recovered triggers of every class on a held-out image (:func:`draw_recovered_triggers`)."""
         _, evaluation = self.splits(data)
-        image = to_float(evaluation.images[:1])
-        footprint = trigger.footprint / trigger.footprint.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
-        stamped = torch.cat([trigger.stamp(image, k) for k in range(len(trigger.mask))])
-        rows = torch.cat([footprint.expand(-1, stamped.shape[1], -1, -1), stamped])
-        rows = torch.nn.functional.interpolate(rows, scale_factor=3, mode="nearest")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(rows, str(path), nrow=len(trigger.mask), padding=2, pad_value=0.5)
-        return path
+        return draw_recovered_triggers(inspection.result.trigger, evaluation, path)
+
+
+def draw_recovered_triggers(trigger: Trigger, images: ImageSet, path: Path) -> Path:
+    """One column per class: the recovered footprint (max-normalised) over the trigger stamped on the
+    first of ``images``, 3x enlarged, written as a PNG grid to ``path``."""
+    image = to_float(images.images[:1])
+    footprint = trigger.footprint / trigger.footprint.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
+    stamped = torch.cat([trigger.stamp(image, k) for k in range(len(trigger.mask))])
+    rows = torch.cat([footprint.expand(-1, stamped.shape[1], -1, -1), stamped])
+    rows = torch.nn.functional.interpolate(rows, scale_factor=3, mode="nearest")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(rows, str(path), nrow=len(trigger.mask), padding=2, pad_value=0.5)
+    return path
 
 
 def inspect_trojan_and_clean(defense: Any, context: RunContext, drawable: Callable[[Any], bool] = lambda _: True,

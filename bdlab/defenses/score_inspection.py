@@ -30,17 +30,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torchvision.utils import save_image
 
 from bdlab.attacks.base import Attack, NoAttack
 from bdlab.cache import ArtifactCache
 from bdlab.context import RunContext
-from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
+from bdlab.datasets.base import DatasetSplits, ImageSet
 from bdlab.defenses.base import Defense
 from bdlab.defenses.inspection import (
     ModelInspection,
     anomaly_index,
     count_pixels,
+    draw_recovered_triggers,
     holdout_success,
     inspect_trojan_and_clean,
     mask_jaccard,
@@ -210,14 +210,6 @@ class ScoreInspection(Defense):
         return metrics
 
     def draw(self, inspection: ScoreInspectionResult, data: DatasetSplits, path: Path) -> Path:
-        """One column per class: the recovered footprint over its trigger stamped on a held-out image."""
-        trigger = inspection.trigger
+        """The recovered triggers of every class on a held-out image (:func:`draw_recovered_triggers`)."""
         _, evaluation = self.splits(data)
-        image = to_float(evaluation.images[:1])
-        footprint = trigger.footprint / trigger.footprint.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
-        stamped = torch.cat([trigger.stamp(image, k) for k in range(len(trigger.mask))])
-        rows = torch.cat([footprint.expand(-1, stamped.shape[1], -1, -1), stamped])
-        rows = torch.nn.functional.interpolate(rows, scale_factor=3, mode="nearest")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(rows, str(path), nrow=len(trigger.mask), padding=2, pad_value=0.5)
-        return path
+        return draw_recovered_triggers(inspection.trigger, evaluation, path)
