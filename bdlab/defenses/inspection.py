@@ -121,7 +121,28 @@ def holdout_success(model: nn.Module, trigger: Trigger, images: ImageSet) -> Ten
     return torch.tensor(rates)
 
 
-class ModelInspection(Defense):
+class HeldOutShares:
+    """The held-out split as both inspection families read it: the first ``optimisation_images`` images
+    for the method, the next ``evaluation_images`` (disjoint) to measure what it recovers."""
+
+    optimisation_images: int
+    evaluation_images: int
+
+    def setup(self, data: DatasetSplits, attack: Attack) -> None:
+        needed = self.optimisation_images + self.evaluation_images
+        if needed > len(data.defense):
+            raise ConfigError("defense.optimisation_images", f"{self.optimisation_images} optimisation + "
+                              f"{self.evaluation_images} evaluation images are asked for, but the held-out split "
+                              f"has {len(data.defense)}; lower them or raise dataset.defense_fraction")
+
+    def splits(self, data: DatasetSplits) -> tuple[ImageSet, ImageSet]:
+        """The held-out images the method reads, and the disjoint ones its results are evaluated on."""
+        first = torch.arange(self.optimisation_images)
+        rest = torch.arange(self.optimisation_images, self.optimisation_images + self.evaluation_images)
+        return data.defense.subset(first), data.defense.subset(rest)
+
+
+class ModelInspection(HeldOutShares, Defense):
     """Base of the model-inspection defenses: subclasses give the inversion method (and a scheduler).
 
     Args:
@@ -181,20 +202,6 @@ class ModelInspection(Defense):
     def scheduler(self) -> EpochScheduler | None:
         """Which classes each epoch optimises (default: every live class)."""
         return None
-
-    def setup(self, data: DatasetSplits, attack: Attack) -> None:
-        needed = self.optimisation_images + self.evaluation_images
-        if needed > len(data.defense):
-            raise ConfigError("defense.optimisation_images", f"{self.optimisation_images} optimisation + "
-                              f"{self.evaluation_images} evaluation images are asked for, but the held-out split "
-                              f"has {len(data.defense)}; lower them or raise dataset.defense_fraction")
-
-    def splits(self, data: DatasetSplits) -> tuple[ImageSet, ImageSet]:
-        """The held-out images the triggers are optimised on, and the disjoint ones they are evaluated on."""
-        held_out = data.defense
-        first = torch.arange(self.optimisation_images)
-        rest = torch.arange(self.optimisation_images, self.optimisation_images + self.evaluation_images)
-        return held_out.subset(first), held_out.subset(rest)
 
     def recover(self, model: nn.Module, images: ImageSet, num_classes: int, cache: ArtifactCache | None = None,
                 model_key: str | None = None) -> InversionResult:

@@ -37,6 +37,7 @@ from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits, ImageSet
 from bdlab.defenses.base import Defense
 from bdlab.defenses.inspection import (
+    HeldOutShares,
     ModelInspection,
     anomaly_index,
     count_pixels,
@@ -83,7 +84,7 @@ class ScoreInspectionResult:
     extras: dict[str, Tensor] = field(default_factory=dict)
 
 
-class ScoreInspection(Defense):
+class ScoreInspection(HeldOutShares, Defense):
     """Base of the model inspectors that score every class without the inversion engine.
 
     Subclasses implement :meth:`score` (tensors: ``score`` ``(K,)``; optionally ``mask``, ``pattern``,
@@ -118,19 +119,6 @@ class ScoreInspection(Defense):
     @abstractmethod
     def settings(self) -> dict[str, Any]:
         """The method's settings: part of the cache key of its results."""
-
-    def setup(self, data: DatasetSplits, attack: Attack) -> None:
-        needed = self.optimisation_images + self.evaluation_images
-        if needed > len(data.defense):
-            raise ConfigError("defense.optimisation_images", f"{self.optimisation_images} optimisation + "
-                              f"{self.evaluation_images} evaluation images are asked for, but the held-out split "
-                              f"has {len(data.defense)}; lower them or raise dataset.defense_fraction")
-
-    def splits(self, data: DatasetSplits) -> tuple[ImageSet, ImageSet]:
-        """The held-out images the method reads, and the disjoint ones its triggers are evaluated on."""
-        first = torch.arange(self.optimisation_images)
-        rest = torch.arange(self.optimisation_images, self.optimisation_images + self.evaluation_images)
-        return data.defense.subset(first), data.defense.subset(rest)
 
     def compute(self, model: nn.Module, images: ImageSet, num_classes: int, cache: ArtifactCache | None = None,
                 model_key: str | None = None) -> dict[str, Tensor]:
