@@ -8,6 +8,7 @@ from typing import Any
 from bdlab.attacks.base import Attack
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
+from bdlab.errors import ConfigError
 from bdlab.models.classifier import Classifier
 
 # Metrics that several categories report share one title, which names the TrojanZoo table the report's table of
@@ -21,6 +22,13 @@ MJS = ("defense/mjs", "Model inspection: MJS, Jaccard of the recovered and true 
 ART_MODEL = ("defense/art_s", "ART: defense running time per model (s; TrojanZoo Table 13)")
 ART_INPUT = ("defense/time_per_input_ms", "ART: input filtering time per input (ms; TrojanZoo Table 13)")
 DEFENSE_NSR = ("defense/nsr", "NSR of the defended model (TrojanZoo Table 16)")
+
+
+def check_held_out_share(field: str, asked: int, data: DatasetSplits) -> None:
+    """Refuse, naming ``field``, a number of held-out clean images larger than the held-out split."""
+    if asked > len(data.defense):
+        raise ConfigError(field, f"got {asked}, but the held-out clean split has only {len(data.defense)} images; "
+                                 "lower it or raise dataset.defense_fraction")
 
 
 class Defense(ABC):

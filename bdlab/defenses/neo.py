@@ -12,6 +12,7 @@ from torch.nn import functional as F
 from bdlab.attacks.base import Attack
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits, to_float
+from bdlab.defenses.base import check_held_out_share
 from bdlab.defenses.filtering import InputFilteringDefense
 from bdlab.errors import ConfigError, check_at_least
 from bdlab.evaluate import model_device
@@ -156,9 +157,7 @@ class NEO(InputFilteringDefense):
         if too_big:
             raise ConfigError("defense.block_sizes", f"{too_big} do not fit the {data.size[0]}x{data.size[1]} "
                               "images; each side must be at most the image's shorter side")
-        if self.num_samples > len(data.defense):
-            raise ConfigError("defense.num_samples", f"got {self.num_samples}, but the held-out clean split has only "
-                              f"{len(data.defense)} images; lower it or raise dataset.defense_fraction")
+        check_held_out_share("defense.num_samples", self.num_samples, data)
 
     @torch.no_grad()
     def scores(self, context: RunContext, images: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ from torch import Tensor
 from bdlab.attacks.base import Attack
 from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits, to_float
+from bdlab.defenses.base import check_held_out_share
 from bdlab.defenses.filtering import InputFilteringDefense
 from bdlab.errors import ConfigError, check_range
 from bdlab.evaluate import model_device
@@ -56,10 +57,7 @@ class STRIP(InputFilteringDefense):
         self.alpha, self.num_overlays, self.batch_size = alpha, num_overlays, batch_size
 
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
-        held_out = len(data.defense)
-        if self.num_overlays > held_out:
-            raise ConfigError("defense.num_overlays", f"got {self.num_overlays}, but the held-out clean split has "
-                              f"only {held_out} images; lower it or raise dataset.defense_fraction")
+        check_held_out_share("defense.num_overlays", self.num_overlays, data)
 
     @torch.inference_mode()
     def scores(self, context: RunContext, images: Tensor) -> Tensor:

@@ -25,7 +25,7 @@ def build_inspector(node: Any) -> ModelInspection:
     target = node.get("_target_") if hasattr(node, "get") else None
     try:
         cls = get_object(str(target))
-    except Exception:
+    except (ImportError, ValueError):  # hydra reports an unimportable or empty path as ImportError
         cls = None
     if not (isinstance(cls, type) and issubclass(cls, ModelInspection)):
         raise ConfigError("defense.inspector", f"{target!r} is not a model-inspection defense; name one "
