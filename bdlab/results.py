@@ -31,11 +31,12 @@ def git_revision() -> str | None:
     """The commit of the bdlab checkout that ran (with ``-dirty`` when it has local changes)."""
     source = Path(__file__).resolve().parent
     try:
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10)
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True, timeout=10,
+                             check=False)
         if rev.returncode != 0:
             return None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=source,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         return rev.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -66,12 +67,14 @@ def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 
 def show_value(value: Any) -> str:
-    """A metric for the terminal: 4 significant digits, ``n/a`` for not applicable (None or NaN), lists
-    (per-class values) element by element at 3."""
+    """A metric for the terminal: 4 significant digits (integers, such as counts, in full), ``n/a`` for
+    not applicable (None or NaN), lists (per-class values) element by element at 3."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join("n/a" if isinstance(v, float) and math.isnan(v) else f"{v:.3g}" for v in value) + "]"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     return f"{value:.4g}"
 
 

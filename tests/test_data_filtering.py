@@ -157,3 +157,20 @@ def test_spectral_signature_derives_epsilon_from_the_attack() -> None:
     defense.setup(data, NoAttack())
     assert defense.epsilon == 0.0
     assert SpectralSignature(poison_fraction=0.2).epsilon == 0.2
+
+
+def test_a_decision_that_removes_every_sample_leaves_the_retrained_metrics_not_applicable(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    retrained: list[int] = []
+
+    def retrain(train_set, tag: str) -> Classifier:
+        retrained.append(len(train_set))
+        return context.trojan_model
+
+    context = pixel_feature_context(tmp_path, retrain)
+    # 1.5 x 0.7 >= 1: every class is removed whole, as spectral signatures at a 20% dirty-label rate
+    metrics = SpectralSignature(poison_fraction=0.7).run(context)
+    assert metrics["defense/removed"] == 300 and metrics["defense/poison_tpr"] == 100.0
+    assert retrained == []
+    assert not {"defense/acc", "defense/asr", "defense/ard", "defense/cad"} & set(metrics)
+    assert "removed all 300 training samples" in caplog.text and "defense.removal_factor" in caplog.text

@@ -14,7 +14,7 @@ import pytest
 
 from bdlab.report import main as report_main
 from bdlab.reporting.tables import slug
-from bdlab.results import RESULTS_FORMAT
+from bdlab.results import RESULTS_FORMAT, show_value
 
 # the session-wide tiny_sweep fixture, shared with the other sweep tests (one run for all)
 pytest_plugins = ["tests.sweep_helpers"]
@@ -147,3 +147,10 @@ def test_report_logs_one_wandb_summary_run_offline(tmp_path: Path, capsys: pytes
     write_result(tmp_path / "run", metrics={"trojan/asr": 99.0, "trojan/acc": 98.0})
     assert report_main([str(tmp_path), "--wandb"]) == 0
     assert len(list((tmp_path / "report" / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_terminal_values_keep_counts_whole_and_show_not_applicable() -> None:
+    assert show_value(60000) == "60000"
+    assert show_value(98.2210) == "98.22"
+    assert show_value(None) == "n/a" and show_value(float("nan")) == "n/a"
+    assert show_value([0.5, float("nan")]) == "[0.5, n/a]"

@@ -7,7 +7,9 @@ of poisoned / clean samples removed), ``defense/poison_roc_auc`` (from the conti
 and ``defense/removed``. With ``retrain: true`` a fresh model is trained with the run's recipe
 on the kept samples (``RunContext.retrain``, cached by content) and ``defense/acc``,
 ``defense/asr``, ``defense/ard`` (ASR before - after) and ``defense/cad`` (ACC before - after)
-are reported against the undefended trojan model.
+are reported against the undefended trojan model. When the decision removes every training sample
+(e.g. spectral signatures' ``1.5 * epsilon`` reaches 1 at a 20% dirty-label rate) there is nothing to
+retrain on: those metrics are absent (n/a in the report) and a warning names the fields to change.
 
 ``mode: inference`` (TrojanZoo's use): the incoming inputs (held-out clean, clean test,
 poisoned test) are grouped by the trojan model's *predicted* class, scored the same way, and
@@ -16,6 +18,7 @@ evaluated with the input-filtering protocol of :mod:`bdlab.defenses.filtering`.
 
 from __future__ import annotations
 
+import logging
 from abc import abstractmethod
 from typing import Any
 
@@ -31,6 +34,8 @@ from bdlab.errors import ConfigError
 from bdlab.evaluate import EVAL_BATCH, defense_effect, evaluate, model_device
 from bdlab.metrics import percent
 from bdlab.models.classifier import LOGITS, PENULTIMATE, Classifier
+
+log = logging.getLogger(__name__)
 
 MODES = ("train_data", "inference")
 
@@ -70,6 +75,8 @@ class DataFilteringDefense(InputFilteringDefense):
     )
     #: whether :meth:`detect` compares against held-out clean features (see :meth:`clean_reference`)
     needs_clean_reference = False
+    #: the settings that decide how much is removed, named when the decision removes everything
+    removal_hint = "change the settings that decide how much is removed"
 
     def __init__(self, mode: str = "train_data", retrain: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -123,8 +130,11 @@ class DataFilteringDefense(InputFilteringDefense):
             "defense/poison_roc_auc": roc_auc(scores[~is_poison], scores[is_poison]),
             "defense/removed": int(flags.sum()),
         }
-        if self.retrain and context.poisoned_test is not None:
-            keep = (~flags).nonzero().flatten()
+        keep = (~flags).nonzero().flatten()
+        if self.retrain and context.poisoned_test is not None and len(keep) == 0:
+            log.warning("%s removed all %d training samples, so there is nothing to retrain on and the ACC/ASR "
+                        "after it are n/a; %s", self.name, len(flags), self.removal_hint)
+        elif self.retrain and context.poisoned_test is not None:
             model = context.retrain(ImageSet(train.images[keep], train.labels[keep]), self.name)
             after = evaluate(model, context.data.test, context.poisoned_test, context.attack.target_class)
             metrics.update(defense_effect(context.undefended, after))

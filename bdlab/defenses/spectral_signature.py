@@ -61,7 +61,8 @@ class SpectralSignature(DataFilteringDefense):
         poison_fraction: ``epsilon``, the expected fraction of poisoned samples *in a class* (Tran et
             al. assume an upper bound is known). Null (default) derives it from the attack: a
             dirty-label rate ``r`` of ``K`` balanced classes puts ``r N`` poisoned samples into a class
-            of ``N / K``, so ``epsilon = r K / (1 + r K)`` (0.5 at 10%, 0.09 at 1% on MNIST); a
+            of ``N / K``, so ``epsilon = r K / (1 + r K)`` (0.5 at 10%, 0.09 at 1% on MNIST;
+            2/3 at 20%, where the default removal of 1.5 epsilon takes every sample); a
             clean-label rate is already a share of the target class; no attack expects none.
         removal_factor: how many times ``epsilon`` to remove per class (default 1.5, Tran et al.).
         centre: ``class_mean`` (default, Tran et al. Alg. 1) or ``clean_mean`` (see above).
@@ -69,6 +70,7 @@ class SpectralSignature(DataFilteringDefense):
     """
 
     name = "spectral_signature"
+    removal_hint = "lower defense.removal_factor or set defense.poison_fraction below 1 / removal_factor"
 
     def __init__(self, poison_fraction: float | None = None, removal_factor: float = 1.5, centre: str = "class_mean",
                  **kwargs: Any) -> None:
