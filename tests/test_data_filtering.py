@@ -96,7 +96,8 @@ def pixel_feature_context(tmp_path: Path, retrain) -> RunContext:
                       attack.poison_test(data.test), tmp_path, torch.device("cpu"), retrain, undefended)
 
 
-def test_train_data_protocol_reports_against_the_true_flags_and_retrains(tmp_path: Path) -> None:
+def recording_context(tmp_path: Path) -> tuple[RunContext, list[int]]:
+    """:func:`pixel_feature_context` whose retraining returns the trojan model and records each training set's size."""
     retrained: list[int] = []
 
     def retrain(train_set, tag: str) -> Classifier:
@@ -104,6 +105,11 @@ def test_train_data_protocol_reports_against_the_true_flags_and_retrains(tmp_pat
         return context.trojan_model
 
     context = pixel_feature_context(tmp_path, retrain)
+    return context, retrained
+
+
+def test_train_data_protocol_reports_against_the_true_flags_and_retrains(tmp_path: Path) -> None:
+    context, retrained = recording_context(tmp_path)
     # 30 poisoned of 130 class-0 samples: epsilon 0.25 of the class, so 49 are removed there
     metrics = SpectralSignature(poison_fraction=0.25).run(context)
     assert metrics["defense/poison_tpr"] == 100.0 and metrics["defense/poison_roc_auc"] > 0.9
@@ -161,13 +167,7 @@ def test_spectral_signature_derives_epsilon_from_the_attack() -> None:
 
 def test_a_decision_that_removes_every_sample_leaves_the_retrained_metrics_not_applicable(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    retrained: list[int] = []
-
-    def retrain(train_set, tag: str) -> Classifier:
-        retrained.append(len(train_set))
-        return context.trojan_model
-
-    context = pixel_feature_context(tmp_path, retrain)
+    context, retrained = recording_context(tmp_path)
     # 1.5 x 0.7 >= 1: every class is removed whole, as spectral signatures at a 20% dirty-label rate
     metrics = SpectralSignature(poison_fraction=0.7).run(context)
     assert metrics["defense/removed"] == 300 and metrics["defense/poison_tpr"] == 100.0
