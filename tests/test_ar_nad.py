@@ -7,15 +7,20 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchattacks
 from torch.nn import functional as F
 
 from bdlab.compose import compose_config
-from bdlab.defenses.adversarial_retraining import AdversarialRetraining, make_pgd, pgd_defaults
+from bdlab.defenses import adversarial_retraining
+from bdlab.defenses.adversarial_retraining import AdversarialModule, AdversarialRetraining, make_pgd, pgd_defaults
 from bdlab.defenses.nad import NAD, attention_loss, attention_map, default_attention_layer
 from bdlab.errors import ConfigError
 from bdlab.models.classifier import Classifier
 from bdlab.models.lenet import LeNet
 from bdlab.pipeline import execute, prepare
+from bdlab.training.fit import fit
+from bdlab.training.loader import TensorBatches
+from bdlab.training.recipe import TrainingRecipe
 from tests.conftest import TINY_RUN, make_splits
 from tests.test_sanitization import PLANTED
 from tests.test_transforms import shared_cache
@@ -77,6 +82,29 @@ def test_pgd_budget_follows_the_dataset_and_explicit_values_win() -> None:
     assert (chosen.epsilon, chosen.step, chosen.iterations) == (0.1, 0.05, 3)
 
 
+def test_warmup_grows_the_pgd_radius_linearly_batch_by_batch(monkeypatch) -> None:
+    used: list[tuple[float, float, float]] = []  # (radius, step, largest perturbation) per batch
+
+    class RecordingPGD(torchattacks.PGD):
+        def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            adversarial = super().forward(images, labels)
+            used.append((self.eps, self.alpha, (adversarial - images).abs().max().item()))
+            return adversarial
+
+    monkeypatch.setattr(adversarial_retraining, "make_pgd", lambda model, epsilon, step, iterations:
+                        RecordingPGD(model, eps=epsilon, alpha=step, steps=iterations, random_start=True))
+    torch.manual_seed(0)
+    batches = TensorBatches(torch.randint(0, 256, (40, 1, 16, 16), dtype=torch.uint8),
+                            torch.randint(0, 10, (40,)), batch_size=10)  # 4 batches an epoch
+    recipe = TrainingRecipe.from_config(compose_config(TINY_RUN)).variant(3, 0.01)
+    fit(AdversarialModule(lenet(), batches, recipe, None, 0.3, 0.05, 2, warmup_epochs=2), recipe, 0)
+    shares = [k / 8 for k in range(1, 9)] + [1.0] * 4  # 8 warm-up batches, then the full ball
+    assert [radius for radius, _, _ in used] == pytest.approx([0.3 * share for share in shares])
+    assert [step for _, step, _ in used] == pytest.approx([0.05 * share for share in shares])
+    assert all(largest <= radius + 1e-6 for radius, _, largest in used)
+    assert used[-1][2] > 0.2  # the full radius is reached, not only scheduled
+
+
 def test_default_attention_layer_is_the_last_convolutional_block() -> None:
     assert default_attention_layer(lenet()) == "relu2"
     NAD().check_model(lenet())
@@ -130,6 +158,8 @@ def test_nad_lowers_the_planted_backdoor_where_fine_tuning_alone_does_not(tmp_pa
     (["defense=adversarial_retraining", "defense.iterations=0"], "defense.iterations"),
     (["defense=adversarial_retraining", "defense.epochs=0"], "defense.epochs"),
     (["defense=adversarial_retraining", "defense.data=test"], "defense.data"),
+    (["defense=adversarial_retraining", "defense.warmup_epochs=-1"], "defense.warmup_epochs"),
+    (["defense=adversarial_retraining", "defense.epochs=3", "defense.warmup_epochs=4"], "defense.warmup_epochs"),
     (["defense=nad", "defense.layers=[conv9]"], "defense.layers"),
     (["defense=nad", "defense.layers=[fc1]"], "defense.layers"),
     (["defense=nad", "defense.layers=[]"], "defense.layers"),

@@ -55,14 +55,25 @@ class AdversarialModule(VictimModule):
         epsilon: the L-infinity radius of the perturbation, in ``[0, 1]`` pixel units.
         step: the PGD step size.
         iterations: PGD steps per batch.
+        warmup_epochs: epochs over which the radius (and the step, in proportion) grows linearly from
+            0 to ``epsilon``, batch by batch (Cai et al. 2018's curriculum; 0: the full radius from the
+            first batch, Madry et al.'s form).
     """
 
     def __init__(self, model: Classifier, train_batches: TensorBatches, recipe: TrainingRecipe,
                  augment: BatchTransform | None, epsilon: float, step: float, iterations: int,
-                 name: str = "adversarial") -> None:
+                 warmup_epochs: int = 0, name: str = "adversarial") -> None:
         super().__init__(model, train_batches, recipe, augment, None, name)
         self.epsilon, self.step, self.iterations = epsilon, step, iterations
+        self.warmup_epochs = warmup_epochs
         self.pgd: torchattacks.PGD | None = None
+
+    def radius_share(self, batch_idx: int) -> float:
+        """The share of ``epsilon`` used for batch ``batch_idx`` of the current epoch (1 after the warm-up)."""
+        if self.warmup_epochs == 0:
+            return 1.0
+        per_epoch = len(self.train_batches)
+        return min(1.0, (self.current_epoch * per_epoch + batch_idx + 1) / (self.warmup_epochs * per_epoch))
 
     def on_fit_start(self) -> None:
         # built here, once Lightning has put the model on its device: torchattacks moves inputs to that device
@@ -73,6 +84,8 @@ class AdversarialModule(VictimModule):
         x = to_float(images)
         if self.augment is not None:
             x = self.augment(x)
+        share = self.radius_share(batch_idx)
+        self.pgd.eps, self.pgd.alpha = self.epsilon * share, self.step * share
         adversarial = self.pgd(x, labels)  # restores the model's training mode afterwards
         return self.model_loss(Batch(adversarial, labels, is_poison, {LOGITS: self.model(adversarial)}))
 
@@ -132,6 +145,8 @@ class AdversarialRetraining(ModelSanitization):
         iterations: PGD steps, >= 1 (null: per dataset, 10 grey / 7 colour).
         data: ``held_out`` (default) or ``train`` (TrojanZoo's).
         epochs: adversarial training epochs (default 10).
+        warmup_epochs: epochs of a linear radius ramp from 0 to epsilon at the start, in ``[0, epochs]``
+            (default 0, Madry et al.'s full radius from the first batch; see :class:`AdversarialModule`).
         lr: learning rate (default 0.01, TrojanZoo's).
         seed: batch order and PGD random starts.
     """
@@ -139,7 +154,8 @@ class AdversarialRetraining(ModelSanitization):
     name = "adversarial_retraining"
 
     def __init__(self, epsilon: float | None = None, step: float | None = None, iterations: int | None = None,
-                 data: str = "held_out", epochs: int = 10, lr: float = 0.01, seed: int = 0) -> None:
+                 data: str = "held_out", epochs: int = 10, warmup_epochs: int = 0, lr: float = 0.01,
+                 seed: int = 0) -> None:
         if epsilon is not None:
             check_range("defense.epsilon", epsilon, 0.0, 1.0, low_open=True)
         if step is not None and not step > 0:
@@ -149,12 +165,14 @@ class AdversarialRetraining(ModelSanitization):
         if data not in DATA:
             raise ConfigError("defense.data", f"got {data!r}, must be held_out or train")
         check_at_least("defense.epochs", epochs, 1)
+        check_range("defense.warmup_epochs", warmup_epochs, 0, epochs)
         if not lr > 0:
             raise ConfigError("defense.lr", f"got {lr}, must be > 0")
         self.epsilon = None if epsilon is None else float(epsilon)
         self.step = None if step is None else float(step)
         self.iterations = None if iterations is None else int(iterations)
-        self.data, self.epochs, self.lr, self.seed = data, int(epochs), float(lr), seed
+        self.data, self.epochs, self.warmup_epochs = data, int(epochs), int(warmup_epochs)
+        self.lr, self.seed = float(lr), seed
 
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
         if self.data == "held_out" and len(data.defense) == 0:
@@ -171,7 +189,7 @@ class AdversarialRetraining(ModelSanitization):
 
     def settings(self) -> dict[str, Any]:
         return {"epsilon": self.epsilon, "step": self.step, "iterations": self.iterations, "data": self.data,
-                "epochs": self.epochs, "lr": self.lr, "seed": self.seed}
+                "epochs": self.epochs, "warmup_epochs": self.warmup_epochs, "lr": self.lr, "seed": self.seed}
 
     def sanitize(self, model: Classifier, context: RunContext) -> dict[str, Any]:
         data = context.data
@@ -183,7 +201,7 @@ class AdversarialRetraining(ModelSanitization):
         train = data.defense if self.data == "held_out" else ImageSet(data.train.images, data.train.labels)
         recipe = context.recipe.variant(self.epochs, self.lr)
         module = AdversarialModule(model, training_batches(train, recipe, self.seed), recipe,
-                                   TrainAugment(data.crop_padding, data.hflip), *budget)
+                                   TrainAugment(data.crop_padding, data.hflip), *budget, self.warmup_epochs)
         model.train()
         fit(module, recipe, self.seed, description=f"adversarially retrained model (PGD eps {self.epsilon:.4g}, "
             f"{self.iterations} x {self.step:.4g}) on {len(train)} images")
