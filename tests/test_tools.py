@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 
 from bdlab import bench, export
+from bdlab.training.fit import fit
+from bdlab.training.victim import CoOptimisationModule
 from tests.conftest import TINY_RUN
 
 TINY_OVERRIDES = [o for o in TINY_RUN if not o.startswith(("logger=", "trainer.max_epochs", "trainer.enable"))]
@@ -20,13 +22,21 @@ def test_bench_train_writes_a_table(tmp_path: Path, capsys) -> None:
     assert "images/s" in capsys.readouterr().out
 
 
-def test_bench_train_times_the_attacks_own_training_module(tmp_path: Path) -> None:
+def test_bench_train_times_the_attacks_own_training_module(tmp_path: Path, monkeypatch) -> None:
+    timed: list[object] = []
+
+    def recording_fit(module, *args, **kwargs) -> None:
+        timed.append(module)
+        fit(module, *args, **kwargs)
+
+    monkeypatch.setattr(bench, "fit", recording_fit)
     out = tmp_path / "train.md"
     overrides = [*TINY_OVERRIDES, "attack=imc", "attack.init=scratch", "attack.trigger_every=4"]
     assert bench.main(["train", *overrides, "--repeats", "1", "--out", str(out)]) == 0
     row = next(line for line in out.read_text().splitlines() if line.startswith("| synthetic | lenet | imc |"))
-    # co-optimisation adds the trigger's PGD steps to every 4th model step: slower than clean training
-    assert float(row.split("|")[5].strip().rstrip("%")) < 100.0
+    assert float(row.split("|")[4]) > 0  # images/s of that module; its speed belongs to benchmarks/, not here
+    # what is timed is IMC's co-optimisation module (the trigger is a trained part), not plain victim training
+    assert [type(module) for module in timed] == [CoOptimisationModule]
 
 
 def test_bench_bad_input(tmp_path: Path) -> None:
