@@ -123,7 +123,20 @@ def sanitised(tmp_path: Path, tmp_path_factory, name: str, overrides: list[str])
 
 # 16x16 gratings with 120 held-out images: eps = 0.3 (or 0.1) leaves nothing to learn (accuracy falls to
 # chance), 0.04 keeps the task
-SMALL_AR = ["defense=adversarial_retraining", "defense.step=0.01", "defense.iterations=5", "defense.epochs=30"]
+SMALL_AR = ["defense=adversarial_retraining", "defense.data=held_out", "defense.warmup_epochs=0",
+            "defense.step=0.01", "defense.iterations=5", "defense.epochs=30"]
+
+
+@pytest.mark.parametrize("data, images", [("train", 2000), ("held_out", 120)])
+def test_retraining_data_is_the_clean_training_split_or_the_held_out_one(tmp_path: Path, tmp_path_factory, monkeypatch,
+                                                                        data: str, images: int) -> None:
+    trained: list[AdversarialModule] = []
+    monkeypatch.setattr(adversarial_retraining, "fit", lambda module, *args, **kwargs: trained.append(module))
+    sanitised(tmp_path, tmp_path_factory, f"data_{data}", ["defense=adversarial_retraining", f"defense.data={data}",
+                                                          "defense.iterations=1", "defense.epochs=2"])
+    batches = trained[0].train_batches
+    assert len(batches.labels) == images
+    assert trained[0].warmup_epochs == 1  # the default warm-up reaches the module
 
 
 def test_adversarial_retraining_lowers_the_planted_backdoor(tmp_path: Path, tmp_path_factory) -> None:
