@@ -57,12 +57,12 @@ class AdversarialModule(VictimModule):
         iterations: PGD steps per batch.
         warmup_epochs: epochs over which the radius (and the step, in proportion) grows linearly from
             0 to ``epsilon``, batch by batch (Cai et al. 2018's curriculum; 0: the full radius from the
-            first batch, Madry et al.'s form).
+            first batch, Madry et al.'s form). No default here: :class:`AdversarialRetraining` holds it.
     """
 
     def __init__(self, model: Classifier, train_batches: TensorBatches, recipe: TrainingRecipe,
                  augment: BatchTransform | None, epsilon: float, step: float, iterations: int,
-                 warmup_epochs: int = 0, name: str = "adversarial") -> None:
+                 warmup_epochs: int, name: str = "adversarial") -> None:
         super().__init__(model, train_batches, recipe, augment, None, name)
         self.epsilon, self.step, self.iterations = epsilon, step, iterations
         self.warmup_epochs = warmup_epochs
