@@ -20,9 +20,9 @@ import torch
 
 from bdlab.compose import compose_config
 from bdlab.console import quiet_third_party
-from bdlab.defenses.inspection import ModelInspection
+from bdlab.defenses.model_inspection.base import ModelInspection
 from bdlab.errors import ConfigError, build
-from bdlab.pipeline import prepare, trojan_training
+from bdlab.pipeline import prepare
 from bdlab.training.fit import fit, fit_classifier
 
 
@@ -39,16 +39,16 @@ def bench_train(overrides: list[str], epochs: int, repeats: int) -> list[dict[st
                           *overrides])
     experiment = prepare(cfg)
     data, recipe = experiment.data, experiment.recipe
-    experiment.resources.clean_model()  # attacks that craft poisons on it are then timed on poisoning alone
+    experiment.services.clean_model()  # attacks that craft poisons on it are then timed on poisoning alone
     best = {"clean": 0.0, "poisoned": 0.0}
     poison_s = float("inf")
     for _ in range(repeats):  # interleaved, best of each: the machine's load varies
-        model = experiment.new_model()
+        model = experiment.services.new_model()
         started = time.perf_counter()
-        fit_classifier(model, data.train, recipe, experiment.augment())
+        fit_classifier(model, data.train, recipe, experiment.services.augment())
         best["clean"] = max(best["clean"], epochs * len(data.train) / (time.perf_counter() - started))
         started = time.perf_counter()
-        model, module, train_set = trojan_training(experiment)
+        model, module, train_set = experiment.services.trojan_training()
         poison_s = min(poison_s, time.perf_counter() - started)
         started = time.perf_counter()
         model.train()
@@ -60,7 +60,7 @@ def bench_train(overrides: list[str], epochs: int, repeats: int) -> list[dict[st
                      "attack": experiment.attack.display_name if kind == "poisoned" else "none",
                      "images_per_s": best[kind], "relative": best[kind] / best["clean"],
                      "poison_set_s": poison_s if kind == "poisoned" else 0.0,
-                     "device": device_name(experiment.device)})
+                     "device": device_name(experiment.services.device)})
     return rows
 
 
@@ -71,8 +71,8 @@ def bench_inspect(overrides: list[str]) -> list[dict[str, object]]:
     if not isinstance(experiment.defense, ModelInspection):
         raise ConfigError("defense", f"{experiment.defense.name} is not a model-inspection defense; bench inspect "
                           "times one (neural_cleanse, tabor, pixel, k_arm, ...)")
-    model = experiment.resources.trojan_model() if experiment.attack.name != "none" else \
-        experiment.resources.clean_model()
+    model = experiment.services.trojan_model() if experiment.attack.name != "none" else \
+        experiment.services.clean_model()
     rows = []
     for mode in ("batched", "sequential"):
         inspector = build(cfg.defense, mode=mode)
@@ -82,7 +82,7 @@ def bench_inspect(overrides: list[str]) -> list[dict[str, object]]:
                      "attack": experiment.attack.display_name, "defense": inspector.name, "mode": mode,
                      "seconds": inspection.result.seconds, "epochs": int(inspection.result.epochs.sum()),
                      "aiv": float(inspection.aiv[target]), "flagged": inspection.flagged,
-                     "device": device_name(experiment.device)})
+                     "device": device_name(experiment.services.device)})
     for row in rows:
         row["speedup"] = rows[1]["seconds"] / row["seconds"]
     return rows

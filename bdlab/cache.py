@@ -47,6 +47,22 @@ def spec_hash(spec: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+def content_digest(*parts: Any) -> str:
+    """One SHA-256 over the content of tensors (their bytes, shape and dtype), image sets (images and
+    labels) and JSON-able values, in order: the one way an artifact's key names the data it came from."""
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Tensor):
+            array = part.detach().cpu().contiguous()
+            digest.update(f"{tuple(array.shape)}{array.dtype}".encode())
+            digest.update(array.numpy().tobytes())
+        elif hasattr(part, "images") and hasattr(part, "labels"):
+            digest.update(content_digest(part.images, part.labels).encode())
+        else:
+            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
 def file_digest(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as stream:

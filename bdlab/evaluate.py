@@ -9,14 +9,20 @@ so each metric of DESIGN.md is computed in one place, from logits, exactly as
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
+if TYPE_CHECKING:
+    from bdlab.nsr import NSRSettings
+    from bdlab.services import RunServices
+
 from bdlab.datasets.base import ImageSet, to_float
 from bdlab.metrics import accuracy, attack_success_rate, target_confidence, true_class_confidence
+from bdlab.stealth import stealthiness
 
 EVAL_BATCH = 1024
 
@@ -28,20 +34,36 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 @torch.inference_mode()
-def predict_logits(model: nn.Module, images: Tensor, transform: Transform | None = None,
-                   batch_size: int = EVAL_BATCH) -> Tensor:
-    """Logits (float32, CPU) of ``model`` on uint8 ``images``, optionally through a batched ``transform``."""
+def predict(model: nn.Module, images: Tensor, layers: str | Sequence[str] | None = None,
+            transform: Transform | None = None, batch_size: int = EVAL_BATCH) -> Tensor | dict[str, Tensor]:
+    """The one forward pass over a set: ``model`` on ``images`` in chunks of ``batch_size``, without
+    gradients, on the model's device; results float32 on the CPU.
+
+    ``images`` are uint8 in ``[0, 255]`` or float in ``[0, 1]``; ``transform`` (a batched function of float
+    images) runs on each chunk first. Returns the logits, or with ``layers`` the activations of those
+    named layers (:meth:`~bdlab.models.classifier.Classifier.features`: one tensor for one name, a
+    dict for a list).
+    """
     model.eval()
     device = model_device(model)
-    outputs = []
+    chunks: list[Any] = []
     for start in range(0, len(images), batch_size):
-        x = to_float(images[start:start + batch_size].to(device))
+        x = images[start:start + batch_size].to(device)
+        x = to_float(x) if x.dtype == torch.uint8 else x.float()
         if transform is not None:
             x = transform(x)
-        outputs.append(model(x).float().cpu())
-    if not outputs:
-        return torch.empty(0, 0)
-    return torch.cat(outputs)
+        chunks.append(model(x) if layers is None else model.features(x, layers))
+    if isinstance(layers, (list, tuple)):
+        names = list(layers)
+        return {name: torch.cat([c[name].float().cpu() for c in chunks]) if chunks else torch.empty(0)
+                for name in names}
+    return torch.cat([c.float().cpu() for c in chunks]) if chunks else torch.empty(0, 0)
+
+
+def predict_logits(model: nn.Module, images: Tensor, transform: Transform | None = None,
+                   batch_size: int = EVAL_BATCH) -> Tensor:
+    """Logits (float32, CPU) of ``model`` on ``images``, optionally through a batched ``transform``."""
+    return predict(model, images, transform=transform, batch_size=batch_size)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)
@@ -97,3 +119,24 @@ def defense_effect(before: Evaluation, after: Evaluation) -> dict[str, float]:
     if after.poisoned_logits is not None:
         metrics["defense/ard"] = before.asr - after.asr
     return metrics
+
+
+def evaluate_attack(clean_model: nn.Module, trojan_model: nn.Module, services: RunServices,
+                    nsr: NSRSettings) -> tuple[dict[str, float], Evaluation]:
+    """The attack-level figures of a run: ACC, CCC (and with an attack ASR, TMC and NSR) of the clean
+    reference and the trojaned model, the attack's CAD, the poisoned test images' stealthiness against
+    their sources, and the attack's own report; returns them with the trojaned model's evaluation
+    (what a defense is measured against)."""
+    data, attack, poisoned = services.data, services.attack, services.poisoned_test
+    # the clean model on the triggered inputs too: how often the trigger alone, without a backdoor, hits the target
+    metrics = evaluate(clean_model, data.test, poisoned, attack.target_class).metrics("clean")
+    undefended = evaluate(trojan_model, data.test, poisoned, attack.target_class)
+    metrics.update(undefended.metrics("trojan"))
+    metrics["attack/cad"] = metrics["clean/acc"] - metrics["trojan/acc"]
+    if poisoned is not None:
+        sources = data.test.images[poisoned.sources]
+        metrics.update(stealthiness(sources, poisoned.images, services.device))
+        metrics["clean/nsr"] = nsr.measure(clean_model, sources, poisoned.images)
+        metrics["trojan/nsr"] = nsr.measure(trojan_model, sources, poisoned.images)
+        metrics.update(attack.report(data.test, poisoned, services.device))
+    return metrics, undefended

@@ -27,8 +27,9 @@ from bdlab.console import quiet_third_party
 from bdlab.errors import ConfigError, build
 from bdlab.loggers import build_loggers, close_loggers, log_images
 from bdlab.media import save_poisoned_examples, save_trigger_examples
-from bdlab.pipeline import execute, prepare, training_processes
+from bdlab.pipeline import execute, prepare
 from bdlab.results import RESULTS_FILE, RESULTS_FORMAT, format_table, git_revision, package_versions, write_json_atomic
+from bdlab.services import training_processes
 from bdlab.sweeping.devices import gpu_slot
 
 log = logging.getLogger("bdlab")

@@ -34,9 +34,27 @@ def make_splits(images: torch.Tensor, labels: torch.Tensor, num_classes: int = 1
                          (0.25,) * channels)
 
 
+def make_services(data: DatasetSplits, attack, model: torch.nn.Module, output_dir: Path = Path("."),
+                  poisoned_train=None, poisoned_test=None, undefended=None, retrain=None):
+    """Run services around a given model (the clean reference and the trojaned model alike), without a
+    config: the subject a defense unit test runs on, its cache under ``output_dir``."""
+    from bdlab.cache import ArtifactCache
+    from bdlab.evaluate import Evaluation
+    from bdlab.services import RunServices
+
+    services = RunServices(None, data, attack=attack, cache=ArtifactCache(Path(output_dir) / "cache"),
+                           output_dir=output_dir).use_models(clean=model, trojan=model)
+    services.poisoned_train, services.poisoned_test = poisoned_train, poisoned_test
+    services.undefended = undefended if undefended is not None else Evaluation()
+    if retrain is not None:
+        services.retrain = retrain
+    return services
+
+
 class StubResources:
-    """Attack resources (:class:`~bdlab.attacks.base.Resources`) for unit tests: a cache under ``root``,
-    the CPU, and the given clean models by training seed (``run_seed``'s is the reference)."""
+    """Attack-side run services (:class:`~bdlab.services.RunServices`) for unit tests: a cache under ``root``,
+    the CPU, and the given clean models by training seed (``run_seed``'s is the reference), recording
+    which seeds were asked for."""
 
     def __init__(self, root: Path, models: dict[int, torch.nn.Module] | None = None, key: str = "key",
                  run_seed: int = 0) -> None:

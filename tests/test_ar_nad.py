@@ -11,9 +11,14 @@ import torchattacks
 from torch.nn import functional as F
 
 from bdlab.compose import compose_config
-from bdlab.defenses import adversarial_retraining
-from bdlab.defenses.adversarial_retraining import AdversarialModule, AdversarialRetraining, make_pgd, pgd_defaults
-from bdlab.defenses.nad import NAD, attention_loss, attention_map, default_attention_layer
+from bdlab.defenses.model_sanitisation import adversarial_retraining
+from bdlab.defenses.model_sanitisation.adversarial_retraining import (
+    AdversarialModule,
+    AdversarialRetraining,
+    make_pgd,
+    pgd_defaults,
+)
+from bdlab.defenses.model_sanitisation.nad import NAD, attention_loss, attention_map, default_attention_layer
 from bdlab.errors import ConfigError
 from bdlab.models.classifier import Classifier
 from bdlab.models.lenet import LeNet

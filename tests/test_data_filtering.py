@@ -10,14 +10,14 @@ from torch import nn
 
 from bdlab.attacks.badnets import BadNets
 from bdlab.attacks.base import NoAttack
-from bdlab.context import RunContext
-from bdlab.defenses.activation_clustering import ActivationClustering, kmeans2, silhouette
-from bdlab.defenses.filtering import roc_auc
-from bdlab.defenses.spectral_signature import SpectralSignature
+from bdlab.defenses.data_filtering.activation_clustering import ActivationClustering, kmeans2, silhouette
+from bdlab.defenses.data_filtering.spectral_signature import SpectralSignature
+from bdlab.defenses.input_filtering.base import roc_auc
 from bdlab.errors import ConfigError
 from bdlab.evaluate import Evaluation
 from bdlab.models.classifier import Classifier
-from tests.conftest import make_splits
+from bdlab.services import RunServices
+from tests.conftest import make_services, make_splits
 
 
 def planted_features(per_class: int = 200, planted: int = 20, dims: int = 32) -> tuple:
@@ -82,7 +82,7 @@ def test_kmeans_and_silhouette_on_two_blobs() -> None:
     assert silhouette(points.double(), assign, generator) > 0.9
 
 
-def pixel_feature_context(tmp_path: Path, retrain) -> RunContext:
+def pixel_feature_context(tmp_path: Path, retrain) -> RunServices:
     """3 classes of dark 4x4 images, BadNets-poisoned at 10%, and a model whose features are the pixels."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 60, (300, 1, 4, 4), dtype=torch.uint8, generator=generator)
@@ -92,17 +92,17 @@ def pixel_feature_context(tmp_path: Path, retrain) -> RunContext:
     attack.setup(data)
     model = Classifier(nn.Sequential(nn.Flatten(), nn.Linear(16, 3)), (0.0,), (1.0,))
     undefended = Evaluation(acc=80.0, asr=90.0, clean_logits=torch.zeros(1, 3), poisoned_logits=torch.zeros(1, 3))
-    return RunContext(None, data, attack, model, model, attack.poison_train(data.train),
-                      attack.poison_test(data.test), tmp_path, torch.device("cpu"), retrain, undefended)
+    return make_services(data, attack, model, tmp_path, attack.poison_train(data.train), attack.poison_test(data.test),
+                         undefended, retrain)
 
 
-def recording_context(tmp_path: Path) -> tuple[RunContext, list[int]]:
+def recording_context(tmp_path: Path) -> tuple[RunServices, list[int]]:
     """:func:`pixel_feature_context` whose retraining returns the trojan model and records each training set's size."""
     retrained: list[int] = []
 
     def retrain(train_set, tag: str) -> Classifier:
         retrained.append(len(train_set))
-        return context.trojan_model
+        return context.trojan_model()
 
     context = pixel_feature_context(tmp_path, retrain)
     return context, retrained

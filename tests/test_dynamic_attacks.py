@@ -300,11 +300,10 @@ def test_the_input_aware_module_trains_masks_first_then_freezes_them(tmp_path: P
     cfg = compose_config([*TINY_RUN, "attack=input_aware", "attack.mask_steps=3", "trainer.max_epochs=1",
                           "dataset.train_size=600", f"cache_dir={tmp_path}"])
     experiment = prepare(cfg)
-    from bdlab.pipeline import trojan_training
     from bdlab.training.fit import fit
 
     attack = experiment.attack
-    _, module, train_set = trojan_training(experiment)
+    _, module, train_set = experiment.services.trojan_training()
     assert isinstance(module, InputAwareModule) and train_set.is_poison.float().mean() == pytest.approx(0.1, abs=0.01)
     assert torch.equal(train_set.images, experiment.data.train.images)  # stamped per batch, not beforehand
     masks_before = {k: v.clone() for k, v in attack.mask_generator.state_dict().items()}

@@ -10,9 +10,9 @@ from pytorch_lightning.loggers import WandbLogger
 from torch import nn
 
 from bdlab.analysis.explanations import AttributionDistance, GradCamMaps, SmoothGradMaps
+from bdlab.attribution import METHODS, attribute, attribution_distance, grad_cam_layer, heatmap, mass_inside, normalise
 from bdlab.compose import compose_config
 from bdlab.errors import ConfigError
-from bdlab.explain import METHODS, attribute, attribution_distance, grad_cam_layer, heatmap, mass_inside, normalise
 from bdlab.loggers import close_loggers
 from bdlab.models.classifier import Classifier
 from bdlab.models.lenet import LeNet

@@ -9,12 +9,11 @@ import torch
 from torch import Tensor, nn
 
 from bdlab.attacks.badnets import BadNets
-from bdlab.context import RunContext
-from bdlab.defenses.filtering import HISTOGRAM_FILE, InputFilteringDefense, roc_auc, threshold_at_fpr
+from bdlab.defenses.input_filtering.base import HISTOGRAM_FILE, InputFilteringDefense, roc_auc, threshold_at_fpr
 from bdlab.errors import ConfigError
-from bdlab.evaluate import Evaluation
 from bdlab.models.classifier import Classifier
-from tests.conftest import make_splits
+from bdlab.services import RunServices
+from tests.conftest import make_services, make_splits
 
 
 @pytest.mark.parametrize("count, fpr", [(500, 0.05), (400, 0.05), (123, 0.1), (1000, 0.01)])
@@ -37,7 +36,7 @@ class BrightnessFilter(InputFilteringDefense):
 
     name = "brightness"
 
-    def scores(self, context: RunContext, images: Tensor) -> Tensor:
+    def scores(self, context: RunServices, images: Tensor) -> Tensor:
         return images[:, 0, -1, -1].float() + 0.1 * images.float().mean((1, 2, 3))
 
 
@@ -60,8 +59,7 @@ def test_protocol_reports_every_metric_and_writes_the_histogram(tmp_path: Path) 
     poisoned = attack.poison_test(data.test)
     model = Classifier(PatchModel(), (0.0,), (1.0,))
     model.anchor = nn.Linear(1, 1)  # a parameter, so the model has a device
-    context = RunContext(None, data, attack, model, model, None, poisoned, tmp_path, torch.device("cpu"),
-                         lambda *_: model, Evaluation())
+    context = make_services(data, attack, model, tmp_path, poisoned_test=poisoned)
     metrics = BrightnessFilter(fpr=0.05).run(context)
     assert metrics["defense/tpr"] == 100.0 and metrics["defense/roc_auc"] == pytest.approx(1.0)
     assert metrics["defense/asr_after_rejection"] == 0.0

@@ -11,7 +11,7 @@ from torch import nn
 
 from bdlab.compose import compose_config
 from bdlab.datasets.base import ImageSet
-from bdlab.defenses.fine_pruning import FinePruning, channel_activity, last_convolution
+from bdlab.defenses.model_sanitisation.fine_pruning import FinePruning, channel_activity, last_convolution
 from bdlab.errors import ConfigError
 from bdlab.models.classifier import Classifier
 from bdlab.pipeline import execute, prepare

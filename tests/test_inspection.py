@@ -11,8 +11,8 @@ from torch import Tensor, nn
 
 from bdlab.attacks import BadNets, Targeted
 from bdlab.compose import compose_config
-from bdlab.defenses.inspection import anomaly_index, count_pixels, flagged_classes, mask_jaccard, median
-from bdlab.defenses.neural_cleanse import NeuralCleanse
+from bdlab.defenses.model_inspection.base import anomaly_index, count_pixels, flagged_classes, mask_jaccard, median
+from bdlab.defenses.model_inspection.neural_cleanse import NeuralCleanse
 from bdlab.errors import ConfigError
 from bdlab.inversion.engine import InversionEngine, InversionMethod, Schedule, Trigger
 from bdlab.inversion.methods import CWL0Trigger, NeuralCleanseTrigger, PixelTrigger, UAPTrigger

@@ -211,7 +211,7 @@ def test_pipeline_trains_and_caches_the_other_seed_clean_models(tmp_path: Path, 
     assert metrics["trojan/acc"] > 80
     clean_models = set((cache / "models" / "clean").glob("*/tensors.safetensors"))
     assert len(clean_models) >= 2  # the reference and the seed-1 model
-    models = prepare(compose_config(overrides)).resources
+    models = prepare(compose_config(overrides)).services
     seed1, key1 = models.clean_model(1), models.clean_key(1)
     seed0, key0 = models.clean_model(0), models.clean_key(0)
     # both come from the cache (nothing new is trained) and are different models
@@ -238,7 +238,7 @@ def test_end_to_end_on_the_tiny_run(tmp_path: Path, tmp_path_factory) -> None:
     index = poisoned.is_poison
     moved = (poisoned.images[index].float() - train.images[index].float()).abs()[:, :, ~attack.trigger_mask]
     assert moved.max() <= 0.1 * 255 + 1 and moved.mean() > 2
-    clean_model = experiment.resources.clean_model()
+    clean_model = experiment.services.clean_model()
     on_originals = evaluate(clean_model, ImageSet(train.images[index], train.labels[index]), None, 0).acc
     on_poisons = evaluate(clean_model, ImageSet(poisoned.images[index], train.labels[index]), None, 0).acc
     assert on_originals > 95 and on_poisons < on_originals - 50

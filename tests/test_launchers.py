@@ -6,8 +6,6 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-
-
 from bdlab.sweeping.devices import claim_gpu
 from tests.sweep_helpers import GRID, multirun, results
 

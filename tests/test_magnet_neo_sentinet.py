@@ -11,17 +11,16 @@ from torch import Tensor, nn
 from bdlab.attacks.badnets import BadNets
 from bdlab.cache import ArtifactCache
 from bdlab.compose import compose_config
-from bdlab.context import RunContext
 from bdlab.datasets.base import ImageSet, to_float
-from bdlab.defenses.magnet import Autoencoder, MagNet
-from bdlab.defenses.neo import NEO, blocker_masks, dominant_colours
-from bdlab.defenses.sentinet import SentiNet, boundary_at, fit_boundary
+from bdlab.defenses.input_filtering.magnet import Autoencoder, MagNet
+from bdlab.defenses.input_filtering.neo import NEO, blocker_masks, dominant_colours
+from bdlab.defenses.input_filtering.sentinet import SentiNet, boundary_at, fit_boundary
 from bdlab.errors import ConfigError
-from bdlab.evaluate import Evaluation
 from bdlab.models.classifier import Classifier
 from bdlab.pipeline import execute, prepare
+from bdlab.services import RunServices
 from bdlab.training.recipe import TrainingRecipe
-from tests.conftest import TINY_RUN, make_splits
+from tests.conftest import TINY_RUN, make_services, make_splits
 
 TARGET = 2
 
@@ -47,7 +46,7 @@ class PlantedConv(nn.Module):
         return torch.stack([40 * (top - bottom), 40 * (bottom - top), 10 * trigger - 25], 1)
 
 
-def planted_context(count: int = 60) -> tuple[RunContext, Tensor, Tensor]:
+def planted_context(count: int = 60) -> tuple[RunServices, Tensor, Tensor]:
     """A context around the planted model (its own predictions as labels) and the clean and triggered images."""
     model = Classifier(PlantedConv(), (0.0,), (0.5,))
     images = torch.randint(0, 100, (count, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
@@ -56,8 +55,7 @@ def planted_context(count: int = 60) -> tuple[RunContext, Tensor, Tensor]:
     data = make_splits(images, labels, num_classes=3)
     attack = BadNets(patch_size=2, target_class=TARGET)
     attack.setup(data)
-    context = RunContext(None, data, attack, model, model, None, attack.poison_test(data.test), Path("."),
-                         torch.device("cpu"), lambda *_: model, Evaluation())
+    context = make_services(data, attack, model, poisoned_test=attack.poison_test(data.test))
     triggered = attack.stamp(images)
     with torch.no_grad():
         assert (model(to_float(triggered)).argmax(1) == TARGET).all() and (labels != TARGET).all()
@@ -91,9 +89,9 @@ def test_neo_scores_triggered_inputs_above_clean_ones() -> None:
 def test_sentinet_scores_triggered_inputs_above_clean_ones_through_the_normalisation() -> None:
     context, images, triggered = planted_context()
     defense = SentiNet(num_overlays=30, boundary_images=30, bins=5)
-    defense.check_model(context.trojan_model)  # layer null: the last (only) convolution
+    defense.check_model(context.trojan_model())  # layer null: the last (only) convolution
     x = to_float(triggered[:4])
-    masks = defense.masks(context.trojan_model, x, torch.full((4,), TARGET))
+    masks = defense.masks(context.trojan_model(), x, torch.full((4,), TARGET))
     # Grad-CAM through the std-0.5 normalisation lands on the 2x2 trigger block
     assert masks.shape == (4, 1, 8, 8) and masks[:, 0, 6:, 6:].all() and masks.sum() == 4 * 4
     clean_scores, triggered_scores = defense.scores(context, images), defense.scores(context, triggered)
@@ -136,7 +134,7 @@ def test_magnet_autoencoder_learns_is_cached_and_reused_and_flags_off_manifold_i
     def no_training(*args, **kwargs) -> None:
         raise AssertionError("the cached autoencoder was trained again")
 
-    monkeypatch.setattr("bdlab.defenses.magnet.fit", no_training)
+    monkeypatch.setattr("bdlab.defenses.input_filtering.magnet.fit", no_training)
     again, reused, _ = defense.autoencoder(train, recipe, cache)
     assert reused and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     with pytest.raises(AssertionError):  # other settings are another artifact

@@ -8,8 +8,16 @@ import pytest
 import torch
 
 from bdlab.errors import ConfigError
-from bdlab.models import (VGG16BN, VGG19BN, LeNet, PreActResNet18, ResNet18, ResNet34, build_classifier,
-                          torchvision_model)
+from bdlab.models import (
+    VGG16BN,
+    VGG19BN,
+    LeNet,
+    PreActResNet18,
+    ResNet18,
+    ResNet34,
+    build_classifier,
+    torchvision_model,
+)
 
 
 @pytest.mark.parametrize("factory, shape, classes", [

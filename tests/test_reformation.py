@@ -13,8 +13,8 @@ from bdlab.errors import ConfigError
 from bdlab.pipeline import execute, prepare
 from bdlab.run import run_names
 from tests.conftest import TINY_RUN, make_splits
-from tests.test_transforms import shared_cache
 from tests.test_run import bdlab_run
+from tests.test_transforms import shared_cache
 
 DEFENSES = ["flip", "shrinkpad", "gaussian_noise", "color_jitter", "randomized_smoothing", "down_upsample"]
 KEYS = {"defense/acc", "defense/ccc", "defense/asr", "defense/tmc", "defense/acc_before", "defense/ccc_before",
@@ -93,8 +93,7 @@ def test_every_reformation_changes_its_input_the_way_its_transform_says(option: 
     """A defense whose transform returned its input (or another transform's output) fails here."""
     from hydra.utils import instantiate
 
-    from bdlab.transforms import (color_jitter, down_upsample, gaussian_noise, make_generator, random_flip,
-                                  shrink_pad)
+    from bdlab.transforms import color_jitter, down_upsample, gaussian_noise, make_generator, random_flip, shrink_pad
 
     defense = instantiate(compose_config([f"defense={option}"]).defense)
     x = torch.rand(16, 3, 16, 16, generator=torch.Generator().manual_seed(1))

@@ -209,11 +209,11 @@ def test_every_experiment_prepares() -> None:
 def test_models_instantiate_on_synthetic_rgb(option: str) -> None:
     cfg = compose_config([*TINY_RUN, "dataset.channels=3", "dataset.size=32", f"model={option}"])
     experiment = prepare(cfg)
-    assert experiment.new_model()(experiment.data.test.images[:2].float() / 255).shape == (2, 10)
+    assert experiment.services.new_model()(experiment.data.test.images[:2].float() / 255).shape == (2, 10)
 
 
 def test_cache_keys_ignore_where_things_live() -> None:
-    from bdlab.pipeline import model_spec
+    from bdlab.services import model_spec
 
     a = compose_config([*TINY_RUN, "attack=refool", "cache_dir=/tmp/a", "data_dir=/tmp/x"])
     b = compose_config([*TINY_RUN, "attack=refool", "cache_dir=/tmp/b", "data_dir=/tmp/y"])

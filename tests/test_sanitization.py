@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bdlab.compose import compose_config
-from bdlab.defenses.hardening import distance_gain
+from bdlab.defenses.model_sanitisation.hardening import distance_gain
 from bdlab.errors import ConfigError
 from bdlab.pipeline import execute, prepare
 from bdlab.training.recipe import TrainingRecipe
@@ -69,7 +69,7 @@ def test_hardening_increases_the_class_distance_on_a_toy_problem(tmp_path: Path,
 
 
 @pytest.mark.parametrize("overrides, field", [
-    (["defense=unlearning", "defense.inspector._target_=bdlab.defenses.strip.STRIP"], "defense.inspector"),
+    (["defense=unlearning", "defense.inspector._target_=bdlab.defenses.input_filtering.strip.STRIP"], "defense.inspector"),
     (["defense=unlearning", "defense.share=0"], "defense.share"),
     (["defense=unlearning", "defense.inspector.epochs=0"], "defense.epochs"),
     (["defense=hardening", "defense.pair_list=[[0,12]]"], "defense.pair_list"),

@@ -13,11 +13,11 @@ from torch import Tensor, nn
 from bdlab.attacks import BadNets
 from bdlab.compose import compose_config
 from bdlab.datasets.base import ImageSet
-from bdlab.defenses.abs import ABS, class_margins, stimulate
-from bdlab.defenses.deep_inspect import DeepInspect
-from bdlab.defenses.df_tnd import DFTND
-from bdlab.defenses.neuron_inspect import NeuronInspect, explanation_features
-from bdlab.defenses.score_inspection import flagged_by_score
+from bdlab.defenses.model_inspection.abs import ABS, class_margins, stimulate
+from bdlab.defenses.model_inspection.deep_inspect import DeepInspect
+from bdlab.defenses.model_inspection.df_tnd import DFTND
+from bdlab.defenses.model_inspection.neuron_inspect import NeuronInspect, explanation_features
+from bdlab.defenses.model_inspection.scores import flagged_by_score
 from bdlab.errors import ConfigError
 from bdlab.models.classifier import Classifier
 from bdlab.pipeline import execute, prepare

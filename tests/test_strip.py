@@ -9,8 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from bdlab.compose import compose_config
-from bdlab.defenses.filtering import HISTOGRAM_FILE
-from bdlab.defenses.strip import STRIP, mean_mixture_entropy
+from bdlab.defenses.input_filtering.base import HISTOGRAM_FILE
+from bdlab.defenses.input_filtering.strip import STRIP, mean_mixture_entropy
 from bdlab.errors import ConfigError
 from bdlab.pipeline import execute, prepare
 from tests.conftest import TINY_RUN
@@ -117,9 +117,7 @@ class TriggerDominated(nn.Module):
 
 def test_strip_scores_triggered_inputs_as_more_suspicious() -> None:
     from bdlab.attacks.badnets import BadNets
-    from bdlab.context import RunContext
-    from bdlab.evaluate import Evaluation
-    from tests.conftest import make_splits
+    from tests.conftest import make_services, make_splits
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 100, (60, 1, 8, 8), dtype=torch.uint8, generator=generator)
@@ -127,8 +125,7 @@ def test_strip_scores_triggered_inputs_as_more_suspicious() -> None:
     attack = BadNets(patch_size=1)
     attack.setup(data)
     model = TriggerDominated()
-    context = RunContext(None, data, attack, model, model, None, attack.poison_test(data.test), Path("."),
-                         torch.device("cpu"), lambda *_: model, Evaluation())
+    context = make_services(data, attack, model, poisoned_test=attack.poison_test(data.test))
     defense = STRIP(num_overlays=16)
     clean_scores = defense.scores(context, data.test.images)
     triggered_scores = defense.scores(context, attack.stamp(data.test.images))

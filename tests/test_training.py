@@ -9,8 +9,8 @@ from bdlab.evaluate import evaluate
 from bdlab.pipeline import prepare
 from bdlab.training.augment import random_crop
 from bdlab.training.fit import fit_classifier
-from bdlab.transforms import random_flip
 from bdlab.training.loader import TensorBatches
+from bdlab.transforms import random_flip
 from tests.conftest import TINY_RUN
 
 
@@ -58,6 +58,6 @@ def test_lenet_learns_synthetic_data_to_95_percent() -> None:
     cfg = compose_config([*TINY_RUN, "attack=none", "dataset.channels=3", "dataset.size=32",
                           "dataset.train_size=2000", "trainer.max_epochs=4"])
     experiment = prepare(cfg)
-    model = experiment.new_model()
+    model = experiment.services.new_model()
     fit_classifier(model, experiment.data.train, experiment.recipe)
     assert evaluate(model, experiment.data.test, None, 0).acc >= 95.0

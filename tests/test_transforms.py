@@ -9,9 +9,24 @@ import torch
 from torch.nn import functional as F
 
 from bdlab.errors import ConfigError
-from bdlab.transforms import (check_jitter, check_scale, check_shrink, check_std, circle_offsets, color_jitter,
-                              down_upsample, gaussian_noise, make_generator, random_flip, random_shrink_pad, rotate,
-                              scale, shrink_pad, translate_fill, translate_wrap)
+from bdlab.transforms import (
+    check_jitter,
+    check_scale,
+    check_shrink,
+    check_std,
+    circle_offsets,
+    color_jitter,
+    down_upsample,
+    gaussian_noise,
+    make_generator,
+    random_flip,
+    random_shrink_pad,
+    rotate,
+    scale,
+    shrink_pad,
+    translate_fill,
+    translate_wrap,
+)
 
 
 def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

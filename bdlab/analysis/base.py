@@ -6,9 +6,9 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from bdlab.attacks.base import Attack
-from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
 from bdlab.models.classifier import Classifier
+from bdlab.services import RunServices
 
 
 class Analysis(ABC):
@@ -32,5 +32,5 @@ class Analysis(ABC):
         is trained; raise ConfigError on bad values. Nothing to check by default."""
 
     @abstractmethod
-    def run(self, context: RunContext) -> dict[str, Any]:
+    def run(self, context: RunServices) -> dict[str, Any]:
         """Run the study on the trained models."""

@@ -15,11 +15,12 @@ from pytorch_lightning.loggers import WandbLogger  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from bdlab.attacks.base import Attack, MaskPatternAttack, blend  # noqa: E402
-from bdlab.context import RunContext  # noqa: E402
 from bdlab.datasets.base import ImageSet  # noqa: E402
 from bdlab.errors import ConfigError  # noqa: E402
 from bdlab.evaluate import Evaluation, Transform, evaluate  # noqa: E402
 from bdlab.metrics import percent
+from bdlab.services import RunServices  # noqa: E402
+
 
 def require_trigger(field: str, attack: Attack, local: bool = False) -> None:
     """Refuse attacks without a mask-and-pattern trigger (``local``: one that leaves some pixels untouched)."""
@@ -31,7 +32,7 @@ def require_trigger(field: str, attack: Attack, local: bool = False) -> None:
         raise ConfigError(field, f"needs a local trigger; attack {attack.display_name!r} covers the whole image")
 
 
-def evaluation_images(context: RunContext, max_images: int) -> tuple[ImageSet, ImageSet]:
+def evaluation_images(context: RunServices, max_images: int) -> tuple[ImageSet, ImageSet]:
     """The first ``max_images`` clean non-target test images and their poisoned copies (true labels)."""
     keep = (context.data.test.labels != context.attack.target_class).nonzero().flatten()[:max_images]
     clean = context.data.test.subset(keep)
@@ -51,11 +52,11 @@ def trigger_centre(mask: Tensor) -> tuple[float, float]:
     return ((cols.min() + cols.max() + 1).item() / 2, (rows.min() + rows.max() + 1).item() / 2)
 
 
-def on_trojan(context: RunContext, clean: ImageSet | None, triggered: ImageSet | None,
+def on_trojan(context: RunServices, clean: ImageSet | None, triggered: ImageSet | None,
               transform: Transform | None = None) -> Evaluation:
     """The evaluator on the trojaned model: ACC of ``clean`` and ASR of ``triggered`` inputs, each
     through ``transform``; the logits give the predictions the error rates need."""
-    return evaluate(context.trojan_model, clean, triggered, context.attack.target_class, transform)
+    return evaluate(context.trojan_model(), clean, triggered, context.attack.target_class, transform)
 
 
 def error_rate(transformed: Tensor, clean: Tensor, poisoned: Tensor, labels: Tensor, target: int) -> float:
@@ -67,13 +68,13 @@ def error_rate(transformed: Tensor, clean: Tensor, poisoned: Tensor, labels: Ten
     return percent(wrong[valid])
 
 
-def output_dir(context: RunContext, name: str) -> Path:
+def output_dir(context: RunServices, name: str) -> Path:
     path = context.output_dir / name
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def write_table(context: RunContext, name: str, file: str, columns: Sequence[str], rows: list[list[Any]]) -> Path:
+def write_table(context: RunServices, name: str, file: str, columns: Sequence[str], rows: list[list[Any]]) -> Path:
     """Write a CSV under the analysis folder and log it as a W&B table where a W&B logger runs."""
     path = output_dir(context, name) / file
     with path.open("w", newline="") as stream:
@@ -86,7 +87,7 @@ def write_table(context: RunContext, name: str, file: str, columns: Sequence[str
     return path
 
 
-def save_figure(context: RunContext, name: str, file: str, figure: plt.Figure) -> Path:
+def save_figure(context: RunServices, name: str, file: str, figure: plt.Figure) -> Path:
     """Save a PNG under the analysis folder and log it as a W&B image where a W&B logger runs."""
     path = output_dir(context, name) / file
     figure.savefig(path, dpi=120, bbox_inches="tight")

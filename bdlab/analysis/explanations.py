@@ -1,6 +1,6 @@
 """Explanation maps of clean and triggered inputs (captum): Saliency, SmoothGrad and Grad-CAM grids,
 TrojanZoo's attribution distance (§6.4, Table 19), and SmoothGrad on transformed poisoned inputs
-("Why is your Trojan NOT responding?", §4.3, Fig. 5). The maps themselves live in :mod:`bdlab.explain`."""
+("Why is your Trojan NOT responding?", §4.3, Fig. 5). The maps themselves live in :mod:`bdlab.attribution`."""
 
 from __future__ import annotations
 
@@ -14,10 +14,7 @@ from torch import Tensor
 from bdlab.analysis.base import Analysis
 from bdlab.analysis.common import evaluation_images, save_figure, write_table
 from bdlab.attacks.base import Attack, NoAttack
-from bdlab.context import RunContext
-from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
-from bdlab.errors import ConfigError, check_at_least
-from bdlab.explain import (
+from bdlab.attribution import (
     attribute,
     attribution_distance,
     check_method,
@@ -27,15 +24,18 @@ from bdlab.explain import (
     mass_inside,
     normalise,
 )
+from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
+from bdlab.errors import ConfigError, check_at_least
 from bdlab.models.classifier import Classifier
+from bdlab.services import RunServices
 from bdlab.transforms import check_scale, rotate, scale
 
 MODELS = ("trojan", "clean")
 CLASSES = ("original", "target")  # TrojanZoo Table 19's columns: the input's true class and the target class
 
 
-def _model(context: RunContext, which: str) -> Classifier:
-    return context.trojan_model if which == "trojan" else context.clean_model
+def _model(context: RunServices, which: str) -> Classifier:
+    return context.trojan_model() if which == "trojan" else context.clean_model()
 
 
 def _local_mask(attack: Attack) -> Tensor | None:
@@ -51,7 +51,7 @@ def _refuse_no_attack(field: str, attack: Attack) -> None:
         raise ConfigError(field, "explains clean and triggered inputs; attack=none has no trigger")
 
 
-def plot_grid(context: RunContext, name: str, file: str, rows: list[tuple[str, Tensor, bool]], title: str,
+def plot_grid(context: RunServices, name: str, file: str, rows: list[tuple[str, Tensor, bool]], title: str,
               captions: list[str] | None = None, outline: Tensor | None = None) -> None:
     """One PNG: each row is ``(label, tensor, is_map)``; images ``(N, C, H, W)`` in ``[0, 1]`` are shown as
     they are, maps ``(N, H, W)`` as heat maps scaled to their own maximum. ``captions`` go above row 0;
@@ -101,7 +101,7 @@ class ExplanationMaps(Analysis):
         check_at_least(f"analysis.{self.name}.max_images", self.max_images, self.images)
 
     def attribute_options(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`~bdlab.explain.attribute` for this method."""
+        """The keyword arguments of :func:`~bdlab.attribution.attribute` for this method."""
         return {}
 
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
@@ -111,7 +111,7 @@ class ExplanationMaps(Analysis):
         """``(N, H, W)`` heat maps of float images for the classes ``targets``."""
         return heatmap(attribute(model, images, targets, self.method, **self.attribute_options()))
 
-    def run(self, context: RunContext) -> dict[str, Any]:
+    def run(self, context: RunServices) -> dict[str, Any]:
         target = context.attack.target_class
         clean, poisoned = evaluation_images(context, self.max_images)
         clean_x, poisoned_x = to_float(clean.images), to_float(poisoned.images)
@@ -188,13 +188,13 @@ class SmoothGradMaps(ExplanationMaps):
     def attribute_options(self) -> dict[str, Any]:
         return {"samples": self.samples, "noise_std": self.noise_std}
 
-    def run(self, context: RunContext) -> dict[str, Any]:
+    def run(self, context: RunServices) -> dict[str, Any]:
         metrics = super().run(context)
         target = context.attack.target_class
         _, poisoned = evaluation_images(context, self.max_images)
         poisoned_x = to_float(poisoned.images)
         mask = _local_mask(context.attack)
-        model = context.trojan_model
+        model = context.trojan_model()
         device = next(model.parameters()).device
         for kind, parameters, op in (("scale", self.scales, scale), ("rotate", self.angles, rotate)):
             for parameter in parameters:
@@ -252,7 +252,7 @@ class AttributionDistance(Analysis):
 
     For each of the first ``images`` non-target test images ``x`` and its triggered copy ``x'``, and a
     class ``c``: ``d = ||A_c(x) - A_c(x')||_1 / (H W)`` in %, where ``A_c`` is the map
-    (:func:`bdlab.explain.heatmap`) scaled to a maximum of 1 (:func:`bdlab.explain.normalise`; TrojanZoo's
+    (:func:`bdlab.attribution.heatmap`) scaled to a maximum of 1 (:func:`bdlab.attribution.normalise`; TrojanZoo's
     text does not say how maps are normalised, so this follows Grad-CAM's own visual normalisation).
     TrojanZoo uses Grad-CAM [48] on 100 pairs; ``method`` also takes saliency or smoothgrad.
 
@@ -314,8 +314,8 @@ class AttributionDistance(Analysis):
                      for c in range(num_classes)]
         return original, per_class, (clean_maps, poisoned_maps)
 
-    def run(self, context: RunContext) -> dict[str, Any]:
-        self.check_model(context.trojan_model)
+    def run(self, context: RunServices) -> dict[str, Any]:
+        self.check_model(context.trojan_model())
         target, num_classes = context.attack.target_class, context.data.num_classes
         clean, poisoned = evaluation_images(context, self.images)
         metrics: dict[str, Any] = {}
@@ -345,7 +345,7 @@ class AttributionDistance(Analysis):
                       [f"label {int(y)}" for y in clean.labels[:self.shown]])
         return metrics
 
-    def plot_bars(self, context: RunContext, metrics: dict[str, Any], num_classes: int, target: int) -> None:
+    def plot_bars(self, context: RunServices, metrics: dict[str, Any], num_classes: int, target: int) -> None:
         figure, axes = plt.subplots(figsize=(6, 3))
         width = 0.4
         for offset, which in ((-width / 2, "trojan"), (width / 2, "clean")):

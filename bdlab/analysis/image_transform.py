@@ -8,9 +8,9 @@ from typing import Any
 from bdlab.analysis.common import error_rate, evaluation_images, on_trojan
 from bdlab.analysis.transform_study import TransformStudy, run_study
 from bdlab.attacks.base import Attack, NoAttack
-from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import ConfigError
+from bdlab.services import RunServices
 from bdlab.transforms import rotate, scale, translate_wrap
 
 
@@ -48,7 +48,7 @@ class ImageTransform(TransformStudy):
             if round(min(data.size) * factor) < 1:
                 raise ConfigError(f"{field}.scales", f"{factor} shrinks the {data.size} image to nothing")
 
-    def run(self, context: RunContext) -> dict[str, Any]:
+    def run(self, context: RunServices) -> dict[str, Any]:
         target = context.attack.target_class
         clean, poisoned = evaluation_images(context, self.max_images)
         before = on_trojan(context, clean, poisoned)

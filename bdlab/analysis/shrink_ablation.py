@@ -9,9 +9,9 @@ import matplotlib.pyplot as plt
 from bdlab.analysis.base import Analysis
 from bdlab.analysis.common import on_trojan, save_figure, write_table
 from bdlab.attacks.base import Attack, NoAttack
-from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import ConfigError
+from bdlab.services import RunServices
 from bdlab.transforms import check_shrink, make_generator, shrink_pad
 
 
@@ -40,7 +40,7 @@ class ShrinkAblation(Analysis):
         for size in self.sizes:
             check_shrink("analysis.shrink_ablation.sizes", size, data.size)
 
-    def run(self, context: RunContext) -> dict[str, Any]:
+    def run(self, context: RunServices) -> dict[str, Any]:
         rows, metrics = [], {}
         for size in self.sizes:
             generator = make_generator(self.seed, context.device)

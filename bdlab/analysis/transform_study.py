@@ -10,8 +10,8 @@ import matplotlib.pyplot as plt
 
 from bdlab.analysis.base import Analysis
 from bdlab.analysis.common import Transform, save_figure, write_table
-from bdlab.context import RunContext
 from bdlab.errors import ConfigError
+from bdlab.services import RunServices
 from bdlab.transforms import check_scale, circle_offsets
 
 # one measured configuration: (kind, parameter, point) -> row of values
@@ -30,7 +30,7 @@ def check_study(prefix: str, radii: list[int], points: int, scales: list[float],
         raise ConfigError(f"{prefix}.angles", f"got {angles}, angles must be in [-360, 360] degrees")
 
 
-def plot_study(context: RunContext, name: str, rows: list[list[Any]], columns: list[str],
+def plot_study(context: RunServices, name: str, rows: list[list[Any]], columns: list[str],
                series: list[tuple[str, str]]) -> None:
     """One panel per transformation kind; ``series`` = (column, label) curves, averaged per parameter."""
     figure, panels = plt.subplots(1, 3, figsize=(12, 3.2))
@@ -48,7 +48,7 @@ def plot_study(context: RunContext, name: str, rows: list[list[Any]], columns: l
     save_figure(context, name, f"{name}.png", figure)
 
 
-def run_study(context: RunContext, name: str, radii: list[int], points: int, scales: list[float],
+def run_study(context: RunServices, name: str, radii: list[int], points: int, scales: list[float],
               angles: list[float], columns: list[str], measure: Measure,
               translate: Callable[[int, int], Transform], scale: Callable[[float], Transform],
               rotate: Callable[[float], Transform]) -> dict[str, Any]:

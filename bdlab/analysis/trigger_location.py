@@ -8,12 +8,11 @@ import matplotlib.pyplot as plt
 import torch
 
 from bdlab.analysis.base import Analysis
-from bdlab.analysis.common import (evaluation_images, on_trojan, require_trigger, save_figure, stamp_layers,
-                                   write_table)
+from bdlab.analysis.common import evaluation_images, on_trojan, require_trigger, save_figure, stamp_layers, write_table
 from bdlab.attacks.base import Attack
-from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import ConfigError
+from bdlab.services import RunServices
 from bdlab.transforms import translate_fill
 
 
@@ -42,7 +41,7 @@ class TriggerLocation(Analysis):
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
         require_trigger(f"analysis.{self.name}", attack, local=True)
 
-    def run(self, context: RunContext) -> dict[str, Any]:
+    def run(self, context: RunServices) -> dict[str, Any]:
         attack = context.attack
         clean, _ = evaluation_images(context, self.max_images)
         mask, pattern = attack.mask, attack.pattern

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from bdlab.analysis.common import (error_rate, evaluation_images, on_trojan, require_trigger, stamp_layers,
-                                   trigger_centre)
+from bdlab.analysis.common import (
+    error_rate,
+    evaluation_images,
+    on_trojan,
+    require_trigger,
+    stamp_layers,
+    trigger_centre,
+)
 from bdlab.analysis.transform_study import TransformStudy, run_study
 from bdlab.attacks.base import Attack
-from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import ConfigError
+from bdlab.services import RunServices
 from bdlab.transforms import rotate, scale, translate_fill
 
 
@@ -47,7 +53,7 @@ class TriggerTransform(TransformStudy):
             if radius >= min(data.size):
                 raise ConfigError(f"{field}.radii", f"{radius} moves the trigger off the {data.size} image")
 
-    def run(self, context: RunContext) -> dict[str, Any]:
+    def run(self, context: RunServices) -> dict[str, Any]:
         attack = context.attack
         target = attack.target_class
         clean, _ = evaluation_images(context, self.max_images)

@@ -6,10 +6,11 @@ from typing import Any
 
 import torch
 
-from bdlab.attacks.base import MaskPatternAttack, Resources
+from bdlab.attacks.base import MaskPatternAttack
 from bdlab.attacks.patterns import load_pattern
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import ConfigError, check_range
+from bdlab.services import RunServices
 
 _CORNERS = {"bottom_right", "bottom_left", "top_right", "top_left"}
 # the ShrinkPad paper's 3x3 black-white square (Tables 1-2), shipped under conf/
@@ -71,7 +72,7 @@ class BadNets(MaskPatternAttack):
             raise ConfigError("attack.position", f"got {self.position}, a position is [row, col]")
         return int(self.position[0]), int(self.position[1])
 
-    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
+    def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:
         super().setup(data, resources)
         channels, (ih, iw) = data.channels, data.size
         patch = self._patch(channels)

@@ -6,14 +6,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from bdlab.datasets.base import DatasetSplits, ImageSet, to_float, to_uint8
+from bdlab.datasets.base import DatasetSplits, ImageSet, PoisonedTestSet, to_float, to_uint8
 from bdlab.errors import ConfigError, check_range
+from bdlab.services import RunServices
 from bdlab.training.hooks import TrainingHooks
 from bdlab.training.loader import TensorBatches
 from bdlab.training.recipe import TrainingRecipe
@@ -21,7 +22,6 @@ from bdlab.training.victim import BatchTransform, CoOptimisationModule, VictimMo
 from bdlab.transforms import check_shrink, random_flip, random_shrink_pad
 
 if TYPE_CHECKING:
-    from bdlab.cache import ArtifactCache
     from bdlab.models.classifier import Classifier
 
 STAMP_CHUNK = 4096
@@ -65,24 +65,6 @@ class PoisonedSet(ImageSet):
         super().__post_init__()
         if self.is_poison is None or self.is_poison.shape != self.labels.shape or self.is_poison.dtype != torch.bool:
             raise ValueError("is_poison must be a bool tensor with one flag per image")
-
-
-class Resources(Protocol):
-    """What a run shares with its attack, handed over at :meth:`Attack.setup`: the artifact cache,
-    the device, and the clean models of the run's data and recipe (the reference model, or one
-    trained with another seed), each from the cache or trained on first use."""
-
-    cache: ArtifactCache
-    device: torch.device
-
-    def clean_key(self, seed: int | None = None) -> str:
-        """The cache key of the clean model of ``seed`` (default: the run's); loads nothing."""
-
-    def clean_model(self, seed: int | None = None) -> Classifier:
-        """The clean model of ``seed`` (default: the run's reference model), in eval mode on the device."""
-
-    def fresh_model(self) -> Classifier:
-        """A freshly initialised classifier of the run's architecture (to check layer names; trains nothing)."""
 
 
 class Attack(TrainingHooks, ABC):
@@ -136,13 +118,13 @@ class Attack(TrainingHooks, ABC):
         self.seed = seed
         self.enhance = bool(enhance)
         self.enhance_max_shrink = int(enhance_max_shrink)
-        self._resources: Resources | None = None
+        self._resources: RunServices | None = None
 
-    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
+    def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:
         """Validate against the dataset and build the trigger; raises ConfigError before any training.
 
-        ``resources`` (the run's cache, device and clean models) are kept for the attack's later
-        steps; nothing is trained or loaded here."""
+        ``resources`` (the run's :class:`~bdlab.services.RunServices`: cache, device, clean models) are
+        kept for the attack's later steps; nothing is trained or loaded here."""
         self._resources = resources
         if not 0 <= self.target_class < data.num_classes:
             raise ConfigError("attack.target_class", f"got {self.target_class}, must be in [0, {data.num_classes - 1}] "
@@ -152,7 +134,7 @@ class Attack(TrainingHooks, ABC):
         self.poison_indices(data.train.labels)  # checks the rate leaves enough candidates
 
     @property
-    def resources(self) -> Resources:
+    def resources(self) -> RunServices:
         """The run's resources given to :meth:`setup`."""
         if self._resources is None:
             raise RuntimeError(f"attack {self.name!r} needs the run's resources: pass them to setup(data, resources)")
@@ -238,10 +220,11 @@ class Attack(TrainingHooks, ABC):
         not the target. Stealthiness compares each poisoned test image with its source."""
         return (test.labels != self.target_class).nonzero().flatten()
 
-    def poison_test(self, test: ImageSet, device: torch.device | str = "cpu") -> ImageSet:
-        """Stamped copies of the test images whose true label is not the target; labels stay the true ones."""
+    def poison_test(self, test: ImageSet, device: torch.device | str = "cpu") -> PoisonedTestSet:
+        """Stamped copies of the test images whose true label is not the target; labels stay the true ones,
+        and each carries the index of its source image."""
         keep = self.test_sources(test)
-        return ImageSet(self.stamp(test.images[keep], device), test.labels[keep])
+        return PoisonedTestSet(self.stamp(test.images[keep], device), test.labels[keep], keep)
 
     def report(self, test: ImageSet, poisoned_test: ImageSet, device: torch.device | str = "cpu") -> dict[str, float]:
         """Metrics only this attack has (``attack/...``, e.g. a decoder's bit accuracy), computed after
@@ -298,7 +281,7 @@ class NoAttack(Attack):
     def __init__(self, **_: Any) -> None:
         super().__init__(poison_rate=1.0)
 
-    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
+    def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:
         """Nothing to validate: there is no trigger and no poisoned sample."""
         self._resources = resources
 

@@ -6,10 +6,11 @@ from typing import Any
 
 import torch
 
-from bdlab.attacks.base import MaskPatternAttack, Resources
+from bdlab.attacks.base import MaskPatternAttack
 from bdlab.attacks.patterns import load_pattern
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import check_range
+from bdlab.services import RunServices
 
 
 class Blended(MaskPatternAttack):
@@ -29,7 +30,7 @@ class Blended(MaskPatternAttack):
         self.alpha = alpha
         self.pattern_file = pattern_file
 
-    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
+    def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:
         super().setup(data, resources)
         channels, (height, width) = data.channels, data.size
         if self.pattern_file is not None:

@@ -9,11 +9,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from bdlab.attacks.base import PoisonedSet, Resources, blend
+from bdlab.attacks.base import PoisonedSet, blend
 from bdlab.attacks.trojannn import TrojanNN
 from bdlab.datasets.base import DatasetSplits, ImageSet
 from bdlab.errors import check_at_least, check_range
 from bdlab.models.classifier import Classifier
+from bdlab.services import RunServices
 from bdlab.training.hooks import Auxiliary, Batch
 
 
@@ -147,7 +148,7 @@ class IMC(TrojanNN):
         self.learn_mask, self.trigger_lr = bool(learn_mask), float(trigger_lr)
         self.trigger_steps, self.trigger_every = int(trigger_steps), int(trigger_every)
 
-    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
+    def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:
         self.trigger = None
         super().setup(data, resources)
         box = self.mask

@@ -9,10 +9,11 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from bdlab.attacks.base import Attack, Resources, blend
+from bdlab.attacks.base import Attack, blend
 from bdlab.datasets.base import DatasetSplits, to_float
 from bdlab.errors import ConfigError, check_at_least, check_range
 from bdlab.models.classifier import Classifier
+from bdlab.services import RunServices
 from bdlab.training.hooks import Batch
 from bdlab.training.loader import TensorBatches
 from bdlab.training.recipe import TrainingRecipe
@@ -172,7 +173,7 @@ class InputAware(Attack):
         self._diversity: Tensor | None = None  # the current batch's L_div, from poison_batch to extra_loss
         self._last_density = torch.zeros(())  # the mean mask of the current batch's triggers (logged)
 
-    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
+    def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:
         super().setup(data, resources)
         factor = 2 ** self.generator_depth
         if any(side % factor for side in data.size):

@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from bdlab.attacks.base import Attack, Resources, map_batches
+from bdlab.attacks.base import Attack, map_batches
 from bdlab.attacks.stegastamp import (
     MIN_SIZE,
     StegaCritic,
@@ -29,6 +29,7 @@ from bdlab.attacks.stegastamp import (
 from bdlab.cache import file_digest
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
 from bdlab.errors import ConfigError, build, check_at_least, check_range
+from bdlab.services import RunServices
 from bdlab.training.fit import fit
 from bdlab.training.loader import TensorBatches
 from bdlab.training.recipe import TrainingRecipe
@@ -228,7 +229,7 @@ class ISSBA(Attack):
 
     # ------------------------------------------------------------------------------------------ setup
 
-    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
+    def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:
         """Check the image size and the code's length against it, load ``encoder_dataset`` and check its
         shape, and build untrained networks; the encoder is trained (or read from the cache) on first use."""
         super().setup(data, resources)
@@ -432,7 +433,7 @@ def _shape(shape: tuple[int, ...]) -> str:
     return f"{channels}x{height}x{width}"
 
 
-def _run_setting(resources: Resources | None, key: str, default: Any) -> Any:
+def _run_setting(resources: RunServices | None, key: str, default: Any) -> Any:
     """A Lightning Trainer argument of the run (e.g. ``enable_progress_bar``), when the resources carry the
     run's recipe; ``default`` otherwise."""
     recipe = getattr(getattr(resources, "experiment", None), "recipe", None)

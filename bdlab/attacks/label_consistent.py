@@ -17,11 +17,12 @@ from bdlab.attacks.adversarial import (
     pgd_untargeted,
     reset_parameters,
 )
-from bdlab.attacks.base import MaskPatternAttack, PoisonedSet, Resources, blend, map_batches
+from bdlab.attacks.base import MaskPatternAttack, PoisonedSet, blend, map_batches
 from bdlab.cache import spec_hash
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float, to_uint8
 from bdlab.errors import ConfigError, check_range
 from bdlab.models.classifier import Classifier
+from bdlab.services import RunServices
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,7 @@ class LabelConsistent(MaskPatternAttack):
         self.adv_epsilon, self.adv_step, self.adv_epochs = float(adv_epsilon), float(adv_step), int(adv_epochs)
         self.adv_lr, self.adv_batch_size, self.adv_init = float(adv_lr), int(adv_batch_size), adv_init
 
-    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
+    def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:
         super().setup(data, resources)
         channels, (height, width) = data.channels, data.size
         size = CORNER_PATTERN.shape[0]

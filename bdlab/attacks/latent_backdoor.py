@@ -12,10 +12,11 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from bdlab.attacks.badnets import BadNets
-from bdlab.attacks.base import PoisonedSet, Resources, blend, check_init
+from bdlab.attacks.base import PoisonedSet, blend, check_init
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
 from bdlab.errors import ConfigError, check_at_least, check_range
 from bdlab.models.classifier import PENULTIMATE, Classifier
+from bdlab.services import RunServices
 from bdlab.training.hooks import Batch
 from bdlab.training.loader import TensorBatches
 from bdlab.training.recipe import TrainingRecipe
@@ -102,7 +103,7 @@ class LatentBackdoor(BadNets):
         self.feature_layers = (layer,)
         self.trigger_loss = float("nan")
 
-    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
+    def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:
         super().setup(data, resources)
         if resources is not None:
             fresh = resources.fresh_model()

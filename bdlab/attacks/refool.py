@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from bdlab.attacks.base import Attack, Resources, map_batches
+from bdlab.attacks.base import Attack, map_batches
 from bdlab.datasets.base import DatasetSplits, to_float, to_uint8
 from bdlab.errors import ConfigError, check_range
+from bdlab.services import RunServices
 
 REFLECTION_TYPES = ("same_depth", "out_of_focus", "ghost")
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -178,7 +179,7 @@ class Refool(Attack):
     def kernel_size(self) -> int:
         return 2 * max(math.ceil(3 * self.sigma[1]), self.ghost_offset[1]) + 1
 
-    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
+    def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:
         super().setup(data, resources)
         if self.reflection_dir is not None:
             pool = load_reflection_folder(self.reflection_dir, data.channels, data.size)

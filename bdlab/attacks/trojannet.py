@@ -13,10 +13,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from bdlab.attacks.badnets import BadNets
-from bdlab.attacks.base import PoisonedSet, Resources
+from bdlab.attacks.base import PoisonedSet
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
 from bdlab.errors import ConfigError, check_at_least, check_range
 from bdlab.models.classifier import Classifier
+from bdlab.services import RunServices
 from bdlab.training.loader import TensorBatches
 from bdlab.training.recipe import TrainingRecipe
 from bdlab.training.victim import BatchTransform
@@ -155,7 +156,7 @@ class TrojanNet(BadNets):
         self.hidden, self.depth, self.samples = int(hidden), int(depth), int(samples)
         self.trojannet_lr, self.batch_size = float(trojannet_lr), int(batch_size)
 
-    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
+    def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:
         super().setup(data, resources)
         height, width = self.patch.shape[1:]
         cells = height * width

@@ -10,10 +10,11 @@ import torch
 from torch import Tensor
 
 from bdlab.attacks.badnets import BadNets
-from bdlab.attacks.base import PoisonedSet, Resources, blend, check_init
+from bdlab.attacks.base import PoisonedSet, blend, check_init
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
 from bdlab.errors import ConfigError, check_at_least, check_range
 from bdlab.models.classifier import PENULTIMATE, Classifier
+from bdlab.services import RunServices
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class TrojanNN(BadNets):
         self.threshold, self.preprocess_images, self.init = float(threshold), int(preprocess_images), check_init(init)
         self.trigger_loss = float("nan")
 
-    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
+    def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:
         super().setup(data, resources)
         if resources is not None:
             units = check_neuron_layer("attack.layer", resources.fresh_model(), self.layer)

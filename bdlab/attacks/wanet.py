@@ -9,9 +9,10 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from bdlab.attacks.base import Attack, Resources
+from bdlab.attacks.base import Attack
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import ConfigError, check_at_least
+from bdlab.services import RunServices
 
 
 def warping_field(grid_size: int, size: tuple[int, int], generator: torch.Generator | None = None) -> Tensor:
@@ -102,7 +103,7 @@ class WaNet(Attack):
         self.cross_ratio, self.grid_rescale = float(cross_ratio), float(grid_rescale)
         self.field: Tensor | None = None  # (1, H, W, 2), from setup on
 
-    def setup(self, data: DatasetSplits, resources: Resources | None = None) -> None:
+    def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:
         super().setup(data, resources)
         height, width = data.size
         if self.grid_size > min(height, width):

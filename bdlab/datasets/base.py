@@ -48,6 +48,22 @@ class ImageSet:
 
 
 @dataclass(frozen=True)
+class PoisonedTestSet(ImageSet):
+    """Triggered test images with their *true* labels and ``sources``: the index, in the clean test set,
+    of the image each was made from (stealthiness and NSR compare each with its source)."""
+
+    sources: Tensor = None  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sources is None or self.sources.shape != self.labels.shape:
+            raise ValueError("sources must hold one test-set index per poisoned image")
+
+    def subset(self, index: Tensor) -> PoisonedTestSet:
+        return PoisonedTestSet(self.images[index], self.labels[index], self.sources[index])
+
+
+@dataclass(frozen=True)
 class DatasetSplits:
     """Everything a run needs from a dataset.
 

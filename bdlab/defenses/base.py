@@ -6,10 +6,10 @@ from abc import ABC, abstractmethod
 from typing import Any
 
 from bdlab.attacks.base import Attack
-from bdlab.context import RunContext
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import ConfigError
 from bdlab.models.classifier import Classifier
+from bdlab.services import RunServices
 
 # Metrics that several categories report share one title, which names the TrojanZoo table the report's table of
 # that metric corresponds to (TrojanZoo, Pang et al. EuroS&P 2022, Tables 8-13 and 16).
@@ -48,7 +48,7 @@ class Defense(ABC):
         channel counts); raise ConfigError on bad values. Nothing to check by default."""
 
     @abstractmethod
-    def run(self, context: RunContext) -> dict[str, Any]:
+    def run(self, context: RunServices) -> dict[str, Any]:
         """Apply the defense and measure it."""
 
 
@@ -57,5 +57,5 @@ class NoDefense(Defense):
 
     name = "none"
 
-    def run(self, context: RunContext) -> dict[str, Any]:
+    def run(self, context: RunServices) -> dict[str, Any]:
         return {}

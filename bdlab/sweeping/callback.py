@@ -21,7 +21,6 @@ from bdlab.compose import CONFIG_DIR
 from bdlab.results import RESULTS_FILE
 
 
-
 def options(group: str) -> list[str]:
     """The options of a config group under ``conf/`` (sweep files' own helpers start with ``_``)."""
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))

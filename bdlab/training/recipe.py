@@ -17,7 +17,6 @@ from torch import nn
 
 from bdlab.errors import ConfigError, build
 
-
 # Lightning's accepted `precision` values (https://lightning.ai/docs/pytorch/stable/common/trainer.html#precision)
 PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true", "bf16-mixed",
               "32-true", "64-true", "64", "32", "16", "bf16")

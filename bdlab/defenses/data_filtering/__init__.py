@@ -1,0 +1,1 @@
+"""data filtering defenses (TrojanZoo's taxonomy)."""

@@ -1,0 +1,1 @@
+"""input filtering defenses (TrojanZoo's taxonomy)."""

@@ -1,0 +1,1 @@
+"""input reformation defenses (TrojanZoo's taxonomy)."""

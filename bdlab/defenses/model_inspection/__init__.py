@@ -1,0 +1,1 @@
+"""model inspection defenses (TrojanZoo's taxonomy)."""

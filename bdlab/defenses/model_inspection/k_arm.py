@@ -1,0 +1,79 @@
+"""K-Arm (Shen et al., ICML 2021): pre-screen the classes, then let a bandit decide whose trigger to optimise next."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from bdlab.defenses.model_inspection.neural_cleanse import NeuralCleanse
+from bdlab.errors import check_at_least, check_range
+from bdlab.inversion.engine import ClassState, EpochScheduler
+
+
+def promise(state: ClassState) -> tuple[bool, float, float]:
+    """How likely a class's trigger is the backdoor's: found triggers first, then the smallest, then the
+    most successful (a sort key, smaller is more promising)."""
+    return (not state.best_reached, state.best_size, -state.best_success)
+
+
+class KArmScheduler(EpochScheduler):
+    """K-Arm's schedule of the engine's epochs (Shen et al., "Backdoor Scanning for Deep Neural Networks
+    through K-Arm Optimization", ICML 2021, §3.2-3.3), as bdlab runs it:
+
+    1. pre-screening: the first ``screen_epochs`` epochs optimise every class together; then only the
+       ``candidates`` most promising classes (:func:`promise`) stay, the others stop with what they have;
+    2. the bandit: each further epoch optimises one arm (class): with probability ``epsilon`` a random
+       live candidate (exploration), else the one whose trigger is smallest so far (exploitation).
+
+    A class also leaves when the engine's own early stopping ends it.
+    """
+
+    def __init__(self, screen_epochs: int, candidates: int, epsilon: float, seed: int) -> None:
+        self.screen_epochs, self.candidates, self.epsilon = screen_epochs, candidates, epsilon
+        self.random = random.Random(seed)
+        self.screened = False
+
+    def select(self, epoch: int, live: list[int], states: list[ClassState]) -> list[int]:
+        if epoch < self.screen_epochs:
+            return live
+        if not self.screened:
+            keep = set(sorted(live, key=lambda k: promise(states[k]))[:self.candidates])
+            for k in live:
+                states[k].stopped = k not in keep
+            live = sorted(keep)
+            self.screened = True
+        if not live:
+            return []
+        if self.random.random() < self.epsilon:
+            return [self.random.choice(live)]
+        return [min(live, key=lambda k: promise(states[k]))]
+
+
+class KArm(NeuralCleanse):
+    """K-Arm on the engine: Neural Cleanse's trigger, loss and schedule, with K-Arm's pre-screening and
+    bandit deciding which class each epoch optimises (:class:`KArmScheduler`). The pre-screened-out
+    classes keep the triggers of the screening epochs, so AIV is still taken over every class; the
+    budget (``epochs``) is shared, and most of it goes to the few candidate classes.
+
+    Args:
+        screen_epochs: epochs of pre-screening, every class at once (default 10).
+        candidates: classes kept after pre-screening (default 3).
+        epsilon: the bandit's exploration probability (default 0.3).
+        epochs, batch_size, lr, threshold, ...: see :class:`~bdlab.defenses.model_inspection.base.ModelInspection`.
+    """
+
+    name = "k_arm"
+
+    def __init__(self, screen_epochs: int = 10, candidates: int = 3, epsilon: float = 0.3, **kwargs: Any) -> None:
+        check_at_least("defense.screen_epochs", screen_epochs, 1)
+        check_at_least("defense.candidates", candidates, 1)
+        check_range("defense.epsilon", epsilon, 0.0, 1.0)
+        self.screen_epochs, self.candidates, self.epsilon = int(screen_epochs), int(candidates), float(epsilon)
+        super().__init__(**kwargs)
+
+    def scheduler(self) -> KArmScheduler:
+        return KArmScheduler(self.screen_epochs, self.candidates, self.epsilon, self.settings["seed"])
+
+    def method_settings(self) -> dict[str, Any]:
+        return {"method": "k_arm", "screen_epochs": self.screen_epochs, "candidates": self.candidates,
+                "epsilon": self.epsilon}

@@ -1,0 +1,1 @@
+"""model sanitisation defenses (TrojanZoo's taxonomy)."""
