@@ -111,11 +111,14 @@ class RunServices:
         cache: the artifact cache (``cfg.cache_dir`` when omitted).
         device: where models run (from the trainer's accelerator when omitted).
         output_dir: where defenses and analyses write files (CSV, PNG).
+        network: the victim's backbone class or factory, called with ``in_channels``, ``num_classes`` and
+            ``input_size`` (default: the config's ``model.net``).
     """
 
     def __init__(self, cfg: DictConfig | None, data: DatasetSplits, recipe: TrainingRecipe | None = None,
                  attack: Attack | None = None, cache: ArtifactCache | None = None,
-                 device: torch.device | None = None, output_dir: str | Path = ".") -> None:
+                 device: torch.device | None = None, output_dir: str | Path = ".",
+                 network: Callable[..., torch.nn.Module] | None = None) -> None:
         from bdlab.attacks.base import NoAttack
 
         self.cfg, self.data = cfg, data
@@ -125,6 +128,7 @@ class RunServices:
         self.device = device if device is not None else \
             resolve_device(cfg.trainer) if cfg is not None else torch.device("cpu")
         self.output_dir = Path(output_dir)
+        self.network = network
         self.loggers: list[Logger] = []
         #: every model handed out, for results.json: path and whether it came from the cache
         self.artifacts: dict[str, dict[str, Any]] = {}
@@ -170,7 +174,8 @@ class RunServices:
         """A freshly initialised classifier; seeded (by the run's seed unless ``seed`` is given) so the
         clean and trojaned models start identical."""
         pl.seed_everything(self.recipe.seed if seed is None else seed, verbose=False)
-        return build_classifier(build(self.cfg.model.net), self.data.input_shape, self.data.num_classes,
+        network = self.network if self.network is not None else build(self.cfg.model.net)
+        return build_classifier(network, self.data.input_shape, self.data.num_classes,
                                 self.data.mean, self.data.std)
 
     def fresh_model(self) -> Classifier:
