@@ -21,7 +21,7 @@ from bdlab.analysis.base import Analysis
 from bdlab.attacks.base import Attack, PoisonedSet
 from bdlab.datasets.base import DatasetSplits
 from bdlab.defenses.base import Defense
-from bdlab.errors import build
+from bdlab.errors import build, check_config
 from bdlab.evaluate import evaluate_attack
 from bdlab.nsr import NSRSettings
 from bdlab.services import RunServices, resolve_device
@@ -73,6 +73,7 @@ class Experiment:
 def prepare(cfg: DictConfig, output_dir: str | Path = ".") -> Experiment:
     """Validate the recipe, load the data and instantiate attack, defense and analyses; raises
     ConfigError on any invalid value, before anything is trained or written."""
+    check_config(cfg)
     recipe = TrainingRecipe.from_config(cfg)
     started = time.perf_counter()
     data: DatasetSplits = build(cfg.dataset).load()

@@ -1,9 +1,9 @@
 """Entry point: ``python -m bdlab.run [group=option ...]`` runs one experiment (``-m`` sweeps).
 
-A single run that raises exits non-zero (2 with one line for a ConfigError). A job of a
-multirun never stops the sweep: it records the failure (error, traceback, config) in its
-``results.json`` with ``status: failed`` and returns, so the other cells run and the report
-marks this one as failed.
+A single run that raises exits non-zero (2 with one line for a ConfigError, a wrong type or an unknown
+option or field). A job of a multirun never stops the sweep: it records the failure (error, traceback,
+config) in its ``results.json`` with ``status: failed`` and returns, so the other cells run and the
+report marks this one as failed.
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from bdlab.compose import CONFIG_DIR
 from bdlab.console import quiet_third_party
-from bdlab.errors import ConfigError, build
+from bdlab.errors import ConfigError, build, check_config
 from bdlab.loggers import build_loggers, close_loggers, log_images
 from bdlab.media import save_poisoned_examples, save_trigger_examples
 from bdlab.pipeline import execute, prepare
@@ -166,13 +168,14 @@ def check_ddp_in_sweep(cfg: DictConfig) -> None:
                           "locally, run it without -m")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")  # absolute: importable too
 def main(cfg: DictConfig) -> None:
     quiet_third_party()
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     try:
+        check_config(cfg)  # every field's type, before the data is loaded (or downloaded)
         # parallel jobs of a sweep each take a GPU of their own when the machine has several
         if multirun:
             check_ddp_in_sweep(cfg)
@@ -192,5 +195,25 @@ def main(cfg: DictConfig) -> None:
             raise
 
 
+def composition_error(error: ConfigCompositionException) -> ConfigError:
+    """Hydra's many-line composition error as one line: an unknown option lists the group's valid ones."""
+    missing, options = getattr(error, "missing_cfg_file", None), getattr(error, "options", None)
+    if missing and options is not None:
+        group, _, option = str(missing).rpartition("/")
+        valid = ", ".join(name for name in options if not name.startswith("_"))  # sweep/_base is a helper
+        return ConfigError(group, f"no option {option!r}; valid: {valid}")
+    return ConfigError(getattr(error.__cause__, "full_key", None) or "overrides", " ".join(str(error).split()))
+
+
+def cli() -> None:
+    """:func:`main`, with Hydra's composition errors (an unknown option, file or field) as one line, exit 2."""
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises them instead of printing many lines and exiting 1
+    try:
+        main()
+    except ConfigCompositionException as error:
+        print(f"bdlab: invalid config: {composition_error(error)}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -10,6 +10,7 @@ from hydra.utils import get_object
 from omegaconf import OmegaConf
 
 from bdlab.compose import CONFIG_DIR, compose_config
+from bdlab.errors import check_config
 
 
 def options(group: str) -> list[str]:
@@ -62,3 +63,14 @@ def test_yaml_values_equal_constructor_defaults(group: str) -> None:
                     disagreements.append(f"{group}={option}: {key} is {yaml_value!r} in YAML, {default!r} in the "
                                          "constructor")
     assert not disagreements, "\n".join(disagreements)
+
+
+@pytest.mark.parametrize("group", ["dataset", "model", "attack", "defense", "trainer", "logger", "analysis", "experiment",
+                                   "sweep"])
+def test_every_shipped_option_passes_the_type_check(group: str) -> None:
+    """The constructors' type hints and the YAML agree: the check before any work refuses no shipped option."""
+    for option in options(group):
+        if not option.startswith("_"):
+            key = f"+{group}" if group in ("experiment", "sweep") else group
+            check_config(compose_config([f"{key}={option}", "logger=[csv,wandb]", "analysis=[saliency,grad_cam]"]
+                                        if group not in ("logger", "analysis") else [f"{key}={option}"]))
