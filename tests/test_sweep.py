@@ -10,10 +10,13 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Glob
 from omegaconf import DictConfig
 
 from bdlab.compose import CONFIG_DIR
-from bdlab.sweeping.callback import SweepCallback, grid_problems, options
+from bdlab.sweeping.callback import SweepCallback, grid_overrides, grid_problems, options
 from tests.sweep_helpers import results
 
 # the session-wide tiny_sweep fixture, shared with the other sweep tests (one run for all)
@@ -80,10 +83,16 @@ def test_every_sweep_file_names_existing_options(sweep: str) -> None:
 
 
 def test_the_trojanzoo_sweep_covers_every_attack_and_every_defense() -> None:
-    """TrojanZoo's grid is every attack bdlab has x every defense: a new option must join it."""
-    params = sweep_config("+sweep=trojanzoo").hydra.sweeper.params
-    assert sorted(params.attack.split(",")) == [o for o in options("attack") if o != "none"]
-    assert sorted(params.defense.split(",")) == options("defense")
+    """TrojanZoo's grid is every attack bdlab has (but ``none``) x every defense, through Hydra's glob sweep
+    (expanded here as the basic sweeper does, with the config loader): a new option joins it unedited."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["+sweep=trojanzoo"], return_hydra_config=True)
+        parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+        overrides = parser.parse_overrides(grid_overrides(cfg))
+        overrides = [override for override in overrides if override.is_sweep_override()]  # not +sweep=
+        grid = {override.key_or_group: list(override.sweep_string_iterator()) for override in overrides}
+    assert all(isinstance(override.value(), Glob) for override in overrides)  # not a hand-written list
+    assert grid == {"attack": [o for o in options("attack") if o != "none"], "defense": options("defense")}
 
 
 def test_bad_grids_are_refused_with_one_line_each(capsys: pytest.CaptureFixture) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import torch
@@ -67,3 +69,21 @@ def test_bench_inspect_times_both_modes_of_the_engine(tmp_path: Path) -> None:
     assert [row.split("|")[5].strip() for row in rows] == ["batched", "sequential"]
     assert rows[0].split("|")[8] == rows[1].split("|")[8]  # the same class-epochs in both modes
     assert bench.main(["inspect", *TINY_OVERRIDES, "defense=strip", "--out", str(tmp_path / "x.md")]) == 2
+
+
+def test_gpu_script_passes_its_cpu_smoke() -> None:
+    """benchmarks/gpu.sh --cpu-smoke: the GPU readiness script's steps shrunk to the CPU, each writing rows that
+    name the device, in a temporary folder: the committed tables are left alone."""
+    repo = Path(__file__).resolve().parents[1]
+    committed = {name: (repo / "benchmarks" / name).read_text() for name in ("train.md", "inspect.md")}
+    done = subprocess.run(["bash", str(repo / "benchmarks" / "gpu.sh"), "--cpu-smoke"], capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = Path(done.stdout.splitlines()[-1].split(" rows in ")[1].split("/train.md")[0])
+    train = [r for r in (out / "train.md").read_text().splitlines() if r.startswith("| synthetic | resnet18 |")]
+    inspect = [r for r in (out / "inspect.md").read_text().splitlines() if r.startswith("| synthetic | resnet18 |")]
+    assert [r.split("|")[3].strip() for r in train] == ["none", "badnets", "none", "imc"]
+    assert [r.split("|")[5].strip() for r in inspect] == ["batched", "sequential"]
+    assert all(r.split("|")[-2].strip() == bench.device_name(torch.device("cpu")) for r in train + inspect)
+    assert {name: (repo / "benchmarks" / name).read_text() for name in committed} == committed
+    shutil.rmtree(out)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import Glob
 from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
@@ -46,11 +47,13 @@ def grid_problems(config: DictConfig) -> list[str]:
         return [*problems, f"cannot parse the grid: {str(error).splitlines()[0]}"]
     for override in overrides:
         key = override.key_or_group
-        values = list(override.sweep_string_iterator()) if override.is_sweep_override() else \
+        group = key.lstrip("+~")
+        # a glob (glob(*,exclude=none)) picks among the group's options, as Hydra's sweeper expands it
+        values = override.value().filter(options(group)) if isinstance(override.value(), Glob) else \
+            list(override.sweep_string_iterator()) if override.is_sweep_override() else \
             [override.get_value_element_as_str()]
         if not values:
             problems.append(f"the grid axis '{key}' has no values")
-        group = key.lstrip("+~")
         if key.startswith("hydra") or not (CONFIG_DIR / group).is_dir() or override.is_delete():
             continue
         known = options(group)
