@@ -11,10 +11,11 @@ import torchattacks
 from torch.nn import functional as F
 
 from bdlab.compose import compose_config
+from bdlab.datasets.base import ImageSet
 from bdlab.defenses.model_sanitisation import adversarial_retraining
 from bdlab.defenses.model_sanitisation.adversarial_retraining import (
-    AdversarialModule,
     AdversarialRetraining,
+    AdversarialTraining,
     make_pgd,
     pgd_defaults,
 )
@@ -23,8 +24,7 @@ from bdlab.errors import ConfigError
 from bdlab.models.classifier import Classifier
 from bdlab.models.lenet import LeNet
 from bdlab.pipeline import execute, prepare
-from bdlab.training.fit import fit
-from bdlab.training.loader import TensorBatches
+from bdlab.training.fit import fit_classifier
 from bdlab.training.recipe import TrainingRecipe
 from tests.conftest import TINY_RUN, make_splits
 from tests.test_sanitization import PLANTED
@@ -99,10 +99,9 @@ def test_warmup_grows_the_pgd_radius_linearly_batch_by_batch(monkeypatch) -> Non
     monkeypatch.setattr(adversarial_retraining, "make_pgd", lambda model, epsilon, step, iterations:
                         RecordingPGD(model, eps=epsilon, alpha=step, steps=iterations, random_start=True))
     torch.manual_seed(0)
-    batches = TensorBatches(torch.randint(0, 256, (40, 1, 16, 16), dtype=torch.uint8),
-                            torch.randint(0, 10, (40,)), batch_size=10)  # 4 batches an epoch
-    recipe = TrainingRecipe.from_config(compose_config(TINY_RUN)).variant(3, 0.01)
-    fit(AdversarialModule(lenet(), batches, recipe, None, 0.3, 0.05, 2, warmup_epochs=2), recipe, 0)
+    train = ImageSet(torch.randint(0, 256, (40, 1, 16, 16), dtype=torch.uint8), torch.randint(0, 10, (40,)))
+    recipe = TrainingRecipe.from_config(compose_config([*TINY_RUN, "model.batch_size=10"])).variant(3, 0.01)
+    fit_classifier(lenet(), train, recipe, None, AdversarialTraining(0.3, 0.05, 2, warmup_epochs=2), seed=0)
     shares = [k / 8 for k in range(1, 9)] + [1.0] * 4  # 8 warm-up batches, then the full ball
     assert [radius for radius, _, _ in used] == pytest.approx([0.3 * share for share in shares])
     assert [step for _, step, _ in used] == pytest.approx([0.05 * share for share in shares])
@@ -135,13 +134,13 @@ SMALL_AR = ["defense=adversarial_retraining", "defense.data=held_out", "defense.
 @pytest.mark.parametrize("data, images", [("train", 2000), ("held_out", 120)])
 def test_retraining_data_is_the_clean_training_split_or_the_held_out_one(tmp_path: Path, tmp_path_factory, monkeypatch,
                                                                         data: str, images: int) -> None:
-    trained: list[AdversarialModule] = []
-    monkeypatch.setattr(adversarial_retraining, "fit", lambda module, *args, **kwargs: trained.append(module))
+    trained: list[tuple] = []
+    monkeypatch.setattr(adversarial_retraining, "fit_classifier", lambda *args, **kwargs: trained.append(args))
     sanitised(tmp_path, tmp_path_factory, f"data_{data}", ["defense=adversarial_retraining", f"defense.data={data}",
                                                           "defense.iterations=1", "defense.epochs=2"])
-    batches = trained[0].train_batches
-    assert len(batches.labels) == images
-    assert trained[0].warmup_epochs == 1  # the default warm-up reaches the module
+    _, train, _, _, hooks = trained[0]
+    assert len(train) == images
+    assert isinstance(hooks, AdversarialTraining) and hooks.warmup_epochs == 1  # the default warm-up reaches them
 
 
 def test_adversarial_retraining_lowers_the_planted_backdoor(tmp_path: Path, tmp_path_factory) -> None:

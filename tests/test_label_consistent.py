@@ -4,13 +4,20 @@ cache."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from bdlab.attacks import label_consistent
-from bdlab.attacks.adversarial import LogitEnsemble, fast_adversarial_training, foreground, pgd_untargeted
-from bdlab.attacks.label_consistent import LabelConsistent
+from bdlab.attacks.label_consistent import (
+    FastAdversarialTraining,
+    LabelConsistent,
+    LogitEnsemble,
+    fast_adversarial_training,
+    foreground,
+    pgd_untargeted,
+)
 from bdlab.compose import compose_config
 from bdlab.datasets.base import ImageSet
 from bdlab.errors import ConfigError
@@ -18,6 +25,8 @@ from bdlab.evaluate import evaluate
 from bdlab.models import LeNet
 from bdlab.models.classifier import build_classifier
 from bdlab.pipeline import execute, prepare
+from bdlab.services import RunServices
+from bdlab.training.recipe import TrainingRecipe
 from tests.conftest import TINY_RUN, StubResources, make_splits
 from tests.test_transforms import shared_cache
 
@@ -27,6 +36,14 @@ def handmade(n: int = 80) -> tuple:
     images = torch.randint(0, 256, (n, 1, 16, 16), generator=generator, dtype=torch.uint8)
     labels = torch.arange(n) % 4
     return make_splits(images, labels, num_classes=4)
+
+
+class Services(StubResources):
+    """The stub services with the run's helper training (a CPU trainer, no progress bar)."""
+
+    recipe = TrainingRecipe(0, 16, 1, None, None, {"accelerator": "cpu", "devices": 1, "max_epochs": 1,
+                                                   "enable_progress_bar": False})
+    fit_helper = RunServices.fit_helper
 
 
 def surrogate():
@@ -95,16 +112,17 @@ def test_robust_surrogate_is_adversarially_trained_once_and_cached(tmp_path: Pat
     settings = dict(epsilon=0.1, step=0.02, iterations=5, target_class=1, adv_epsilon=0.2, adv_epochs=1,
                     adv_batch_size=16)
     attack = LabelConsistent(**settings)
-    attack.setup(data, StubResources(tmp_path, {0: clean}))
+    attack.setup(data, Services(tmp_path, {0: clean}))
+    state = torch.get_rng_state()
     poisoned = attack.poison_train(data.train)
-    assert calls == [1]
+    assert calls == [1] and torch.equal(torch.get_rng_state(), state)  # trained under its own generator
     assert len(list((tmp_path / "models" / "robust_surrogate").glob("*/tensors.safetensors"))) == 1
     assert all(torch.equal(v, clean_state[k]) for k, v in clean.state_dict().items())  # the clean model is untouched
     robust, key = attack.robust_surrogate(data.train)
     assert calls == [1] and not torch.equal(robust.state_dict()["net.head.weight"], clean_state["net.head.weight"])
     # another run with the same settings (new poisoned images asked for) reuses the stored surrogate
     other = LabelConsistent(**{**settings, "iterations": 3})
-    other.setup(data, StubResources(tmp_path, {0: surrogate()}))
+    other.setup(data, Services(tmp_path, {0: surrogate()}))
     other.poison_train(data.train)
     assert calls == [1] and other.robust_surrogate(data.train)[1] == key
     # the clean surrogate gives other perturbations, cached apart from the robust ones
@@ -114,10 +132,10 @@ def test_robust_surrogate_is_adversarially_trained_once_and_cached(tmp_path: Pat
     assert len(list((tmp_path / "poisoned" / "label_consistent").glob("*/tensors.safetensors"))) == 3
     # a different training setting or clean model key is a different surrogate
     changed = LabelConsistent(**{**settings, "adv_epsilon": 0.1})
-    changed.setup(data, StubResources(tmp_path, {0: clean}))
+    changed.setup(data, Services(tmp_path, {0: clean}))
     assert changed.robust_surrogate(data.train)[1] != key and calls == [1, 1]
     scratch = LabelConsistent(**{**settings, "adv_init": "scratch"})
-    scratch.setup(data, StubResources(tmp_path, {0: clean}, key="other-key"))
+    scratch.setup(data, Services(tmp_path, {0: clean}, key="other-key"))
     assert scratch.robust_surrogate(data.train)[1] not in (key,) and calls == [1, 1, 1]
 
 
@@ -130,13 +148,24 @@ def test_fast_adversarial_training_makes_the_surrogate_robust() -> None:
     images[:, :, :, :8] = (0.3 + 0.4 * labels.float()).view(-1, 1, 1, 1) + 0.05 * torch.randn(n, 1, 16, 8)
     images = (images.clamp(0, 1) * 255).to(torch.uint8)
     model = build_classifier(LeNet, (1, 16, 16), 2, (0.5,), (0.25,))
-    fast_adversarial_training(model, images, labels, epsilon=0.1, step=0.125, epochs=4, lr=0.05, batch_size=64,
-                              seed=0)
+    untrained = robust_accuracy_of(model, images, labels)
+    train = ImageSet(images, labels)
+    fast_adversarial_training(model, train, epsilon=0.1, step=0.125, epochs=4, lr=0.05, batch_size=64, seed=0,
+                              services=Services(Path(".")))
+    assert untrained < 0.7 and robust_accuracy_of(model, images, labels) > 0.9
+    assert not model.training
+    # the hooks' batches: FGSM examples from a random start, inside the ball, labels kept
+    x = images[:64].float() / 255
+    adversarial, kept = FastAdversarialTraining(0.1, 0.125).after_augment(SimpleNamespace(model=model), x,
+                                                                           labels[:64], labels[:64] < 0)
+    assert torch.equal(kept, labels[:64]) and 0.05 < (adversarial - x).abs().max() <= 0.1 + 1e-6
+
+
+def robust_accuracy_of(model, images: torch.Tensor, labels: torch.Tensor) -> float:
     x = images.float() / 255
     adversarial = pgd_untargeted(model, x, labels, 0.1, 0.025, 10)
     with torch.no_grad():
-        assert (model(adversarial).argmax(1) == labels).float().mean() > 0.9
-    assert not model.training
+        return float((model(adversarial).argmax(1) == labels).float().mean())
 
 
 def test_foreground_mask_is_the_dilated_object() -> None:

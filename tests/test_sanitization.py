@@ -59,9 +59,10 @@ def test_distance_gain_is_equation_12() -> None:
 
 
 def test_hardening_increases_the_class_distance_on_a_toy_problem(tmp_path: Path, tmp_path_factory) -> None:
+    # distance_images 17: the held-out split's largest class (120 images), all of every source class
     cfg = compose_config([*TINY_RUN, "attack=none", "defense=hardening", "defense.generator=nc", "defense.data=train",
                           "defense.epochs=2", "dataset.defense_fraction=0.4", "defense.pairs=6",
-                          "defense.distance_epochs=15", "defense.distance_images=20",
+                          "defense.distance_epochs=15", "defense.distance_images=17",
                           f"cache_dir={shared_cache(tmp_path_factory)}"])
     metrics = execute(prepare(cfg), tmp_path / "run", [])["metrics"]
     assert metrics["defense/class_distance_nc_after"] > metrics["defense/class_distance_nc_before"]
@@ -76,6 +77,10 @@ def test_hardening_increases_the_class_distance_on_a_toy_problem(tmp_path: Path,
     (["defense=hardening", "defense.pair_list=[[3,3]]"], "defense.pair_list"),
     (["defense=hardening", "defense.generator=gan"], "defense.generator"),
     (["defense=hardening", "defense.inner_steps=0"], "defense.inner_steps"),
+    (["defense=hardening", "defense.pairs=100000"], "defense.pairs"),  # 10 classes: at most 90 pairs
+    (["defense=hardening", "defense.pairs=91", "defense.distance_images=5"], "defense.pairs"),
+    (["defense=hardening", "defense.distance_images=0"], "defense.distance_images"),
+    (["defense=hardening", "defense.distance_images=100000"], "defense.distance_images"),
 ])
 def test_bad_sanitisation_values_are_refused_before_training(overrides: list[str], field: str) -> None:
     with pytest.raises(ConfigError) as info:

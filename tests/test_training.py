@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from bdlab.compose import compose_config
@@ -9,7 +11,7 @@ from bdlab.evaluate import evaluate
 from bdlab.pipeline import prepare
 from bdlab.training.augment import random_crop
 from bdlab.training.fit import fit_classifier
-from bdlab.training.loader import TensorBatches
+from bdlab.training.loader import BatchedModule, TensorBatches
 from bdlab.transforms import random_flip
 from tests.conftest import TINY_RUN
 
@@ -61,3 +63,15 @@ def test_lenet_learns_synthetic_data_to_95_percent() -> None:
     model = experiment.services.new_model()
     fit_classifier(model, experiment.data.train, experiment.recipe)
     assert evaluate(model, experiment.data.test, None, 0).acc >= 95.0
+
+
+def test_batched_module_hands_each_rank_its_shard() -> None:
+    images, labels = torch.zeros(20, 1, 2, 2, dtype=torch.uint8), torch.arange(20)
+    seen = []
+    for rank in (0, 1):
+        module = BatchedModule(TensorBatches(images, labels, 4, seed=2))
+        module._trainer = SimpleNamespace(world_size=2, global_rank=rank)  # what Lightning's strategy sets up
+        loader = module.train_dataloader()
+        assert loader is module.train_batches and len(loader) == 3
+        seen.append(set(torch.cat([y for _, y, _ in loader]).tolist()))
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(20))

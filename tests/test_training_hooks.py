@@ -54,7 +54,8 @@ class Recording(TrainingHooks):
     def __init__(self) -> None:
         self.flags_seen: list[Tensor] = []
         self.order: list[str] = []
-        self.after_augment: list[Tensor] = []
+        self.transformed: list[Tensor] = []
+        self.models_seen: list[nn.Module] = []
         self.layers_seen: list[set[str]] = []
         self.epochs_ended = 0
 
@@ -68,8 +69,13 @@ class Recording(TrainingHooks):
 
     def train_transform(self, x):
         self.order.append("transform")
-        self.after_augment.append(x.detach().clone())
+        self.transformed.append(x.detach().clone())
         return x
+
+    def after_augment(self, module, x, labels, is_poison):
+        self.order.append("after_augment")
+        self.models_seen.append(module.model)
+        return x, labels
 
     def extra_loss(self, batch: Batch):
         self.layers_seen.append(set(batch.outputs))
@@ -88,14 +94,34 @@ def test_hooks_see_the_poison_flags_in_order_and_every_epoch_ends_once() -> None
         augmented.append(x.detach().clone())
         return x
 
-    train(hooks, augment=augment)
-    assert hooks.order[:3] == ["poison", "augment", "transform"]
+    model = train(hooks, augment=augment)
+    assert hooks.order[:4] == ["poison", "augment", "transform", "after_augment"]
+    assert all(seen is model for seen in hooks.models_seen)
     assert int(torch.cat(hooks.flags_seen).sum()) == 2 * 8  # 8 flagged samples, seen once per epoch
     # the per-batch poisoning reached the images the augmentation and the model saw
     stamped = torch.cat(augmented)[torch.cat(hooks.flags_seen)]
     assert torch.equal(stamped, torch.ones_like(stamped))
     assert hooks.layers_seen[0] == {"0", "penultimate", "logits"}
     assert hooks.epochs_ended == 2
+
+
+class RelabelAll(TrainingHooks):
+    """After augmentation, every image of the batch is trained on as class 1 (and flipped); records the flags."""
+
+    def __init__(self) -> None:
+        self.flags_seen: list[Tensor] = []
+
+    def after_augment(self, module, x, labels, is_poison):
+        self.flags_seen.append(is_poison.clone())
+        return x.flip(-1), torch.ones_like(labels)
+
+
+def test_after_augment_changes_the_batch_the_model_steps_on() -> None:
+    hooks = RelabelAll()
+    relabelled, plain = train(hooks, epochs=3), train(TrainingHooks(), epochs=3)
+    assert int(torch.cat(hooks.flags_seen).sum()) == 3 * 8
+    x = torch.rand(64, 1, 4, 4)
+    assert (relabelled(x).argmax(1) == 1).all() and not (plain(x).argmax(1) == 1).all()
 
 
 class PushClassOne(TrainingHooks):

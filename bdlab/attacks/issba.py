@@ -4,15 +4,14 @@ Sample-Specific Triggers", ICCV 2021): a StegaStamp encoder hides a secret strin
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
-import random
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import hydra
 import torch
-from omegaconf import OmegaConf
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import MissingConfigException
 from torch import Tensor
 
 from bdlab.attacks.base import Attack, map_batches
@@ -26,13 +25,12 @@ from bdlab.attacks.stegastamp import (
     check_perceptual,
     perceptual_loss,
 )
-from bdlab.cache import file_digest
+from bdlab.cache import content_digest, file_digest
+from bdlab.compose import compose_config
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
 from bdlab.errors import ConfigError, build, check_at_least, check_range
 from bdlab.services import RunServices
-from bdlab.training.fit import fit
 from bdlab.training.loader import TensorBatches
-from bdlab.training.recipe import TrainingRecipe
 
 log = logging.getLogger(__name__)
 
@@ -54,36 +52,19 @@ def secret_code(secret: str, bits: int | None = None) -> Tensor:
     return code.repeat(-(-bits // len(code)))[:bits]
 
 
-def tensor_digest(tensors: dict[str, Tensor]) -> str:
-    """SHA-256 of a dict of tensors (names, dtypes, shapes and bytes), in sorted key order."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        value = tensors[key].detach().cpu().contiguous()
-        digest.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
-        digest.update(value.numpy().tobytes() if value.dtype != torch.bfloat16 else value.float().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def dataset_options() -> list[str]:
-    from bdlab.compose import CONFIG_DIR
-
-    return sorted(p.stem for p in (CONFIG_DIR / "dataset").glob("*.yaml"))
-
-
 def load_dataset_option(name: str, root: str | Path, seed: int = 0) -> DatasetSplits:
-    """The dataset of config option ``conf/dataset/<name>.yaml`` with its defaults, read from ``root`` (the
-    run's data directory), without composing the run's config again: the option's YAML is resolved
-    against ``data_dir`` = ``root`` and instantiated like the run's own dataset. Problems are one
-    ConfigError line on ``attack.encoder_dataset``."""
-    from bdlab.compose import CONFIG_DIR
-
+    """The dataset of config option ``dataset=<name>`` with its defaults, read from ``root`` (the run's data
+    directory): composed with Hydra (inside the run's own Hydra, or with :func:`bdlab.compose.compose_config`)
+    and instantiated like the run's own dataset. Problems are one ConfigError line on ``attack.encoder_dataset``."""
     field = "attack.encoder_dataset"
-    path = CONFIG_DIR / "dataset" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(field, f"no dataset option {name!r}; options: {', '.join(dataset_options())}")
-    node = OmegaConf.create({"data_dir": str(root), "seed": seed, "dataset": OmegaConf.load(path)})
+    overrides = [f"dataset={name}", f"data_dir={root}", f"seed={seed}"]
     try:
-        return build(node.dataset).load()
+        cfg = hydra.compose("config", overrides) if GlobalHydra.instance().is_initialized() else \
+            compose_config(overrides)
+    except MissingConfigException as error:
+        raise ConfigError(field, f"no dataset option {name!r}; options: {', '.join(error.options or [])}") from None
+    try:
+        return build(cfg.dataset).load()
     except ConfigError as error:
         raise ConfigError(field, f"{name} cannot be loaded ({error})") from None
 
@@ -112,8 +93,8 @@ class ISSBA(Attack):
     images; every residual triggers, like ISSBA's MS-Celeb-1M case). StegaStamp's spatial transformer
     is left out: digital poisoning applies no camera warp to undo.
 
-    Training (:class:`~bdlab.attacks.stegastamp.StegaStampModule`, a LightningModule fitted by
-    :func:`bdlab.training.fit.fit`, with Lightning's progress bar): random bits per image (the secret
+    Training (:class:`~bdlab.attacks.stegastamp.StegaStampModule`, a LightningModule fitted by the run's
+    ``fit_helper`` with its trainer settings for ``encoder_epochs`` epochs): random bits per image (the secret
     itself never enters training), encoded images quantised to 8 bits before decoding
     (straight-through), StegaStamp's four losses with ISSBA §5.1's factors: residual L2 ``l2_weight``
     2.0, perceptual ``perceptual_weight`` 1.5, critic ``critic_weight`` 0.5 (a WGAN critic with its own
@@ -124,8 +105,8 @@ class ISSBA(Attack):
     The perceptual term is ``1 - SSIM`` by default (``perceptual: ssim``; torchmetrics' SSIM value,
     computed with a separable window, :class:`~bdlab.attacks.stegastamp.SSIM`): StegaStamp's LPIPS
     needs ImageNet-pretrained AlexNet weights that cannot be downloaded offline. ``perceptual: lpips``
-    is accepted when ``lpips_weights`` names torchvision's AlexNet weights file on disk (LPIPS' linear
-    layers ship with torchmetrics); otherwise a ConfigError on ``attack.perceptual``.
+    is accepted when ``lpips_weights`` names torchvision's AlexNet weights file on disk (torchmetrics'
+    public LPIPS metric reads it, :func:`~bdlab.attacks.stegastamp.lpips_distance`); otherwise a ConfigError.
 
     Capacity: the code is ``secret_bits`` long (default: 8 bits per UTF-8 byte of ``secret``; a longer
     code repeats the secret); the encoder carries at most ``H * W // 8`` bits
@@ -281,7 +262,7 @@ class ISSBA(Attack):
         """Exactly what determines the trained encoder (its cache key)."""
         lpips = file_digest(Path(self.lpips_weights).expanduser()) if self.perceptual == "lpips" else None
         return {"attack": "issba", "version": ENCODER_VERSION, "dataset": self._source_name,
-                "images": hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest(),
+                "images": content_digest(images),
                 "count": len(images), "shape": list(self._shape), "bits": self.bits, "epochs": self.encoder_epochs,
                 "batch_size": self.encoder_batch_size, "lr": self.encoder_lr, "width": self.encoder_width,
                 "residual_scale": self.residual_scale, "gate_floor": self.gate_floor,
@@ -297,45 +278,29 @@ class ISSBA(Attack):
             images = self.encoder_training_images()
             build_state = functools.partial(self._train_encoder, images)
             expected = set(self._network_state())
-            if self._resources is None:
-                state = build_state()
-            else:
-                state, reused = self.resources.cache.get_or_build(ENCODER_KIND, self.encoder_spec(images),
-                                                                  build_state, lambda found: set(found) == expected)
-                if reused:
-                    log.info("issba: reusing the cached encoder (%d bits, %s)", self.bits, self._source_name)
+            state, reused = self.resources.cache.get_or_build(ENCODER_KIND, self.encoder_spec(images), build_state,
+                                                              lambda found: set(found) == expected)
+            if reused:
+                log.info("issba: reusing the cached encoder (%d bits, %s)", self.bits, self._source_name)
             self._load_network_state(state)
         return self.encoder, self.decoder  # type: ignore[return-value]
 
     def _train_encoder(self, images: Tensor) -> dict[str, Tensor]:
-        """Train fresh networks with :class:`StegaStampModule` through Lightning; returns their state. The
-        global RNGs are restored afterwards, so a run behaves the same whether the encoder came from the
-        cache or was trained."""
+        """Train fresh networks with :class:`StegaStampModule` through the run's ``fit_helper`` (its trainer
+        settings, ``encoder_epochs`` epochs, a generator of its own: the run's random state is untouched,
+        so a run behaves the same whether the encoder came from the cache or was trained); returns their state."""
         self._build_networks()
-        channels = self._shape[0]
-        device = self._resources.device if self._resources is not None else torch.device("cpu")
         batches = TensorBatches(images, torch.zeros(len(images), dtype=torch.long), self.encoder_batch_size,
                                 shuffle=True, seed=self.seed)
-        progress = _run_setting(self._resources, "enable_progress_bar", True)
-        trainer = {"max_epochs": self.encoder_epochs, "accelerator": "gpu" if device.type == "cuda" else "cpu",
-                   "devices": 1, "precision": "32-true", "enable_progress_bar": bool(progress),
-                   "log_every_n_steps": 50}
-        recipe = TrainingRecipe(self.seed, self.encoder_batch_size, self.encoder_epochs,
-                                functools.partial(torch.optim.Adam, lr=self.encoder_lr), None, trainer)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            critic = StegaCritic(channels, self.encoder_width)
+            critic = StegaCritic(self._shape[0], self.encoder_width)
         module = StegaStampModule(self.encoder, self.decoder, critic, batches, self.encoder_lr, self.weights,
                                   self._perceptual_loss, (self.ramp_start, self.ramp_end))
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        cuda = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            self.encoder.train()
-            self.decoder.train()
-            fit(module, recipe, self.seed, False,
-                f"ISSBA encoder ({self.bits} bits) on {len(images)} {self._source_name} images")
-        random.setstate(python_state)
-        np.random.set_state(numpy_state)
+        self.encoder.train()
+        self.decoder.train()
+        self.resources.fit_helper(module, self.seed, f"ISSBA encoder ({self.bits} bits) on {len(images)} "
+                                  f"{self._source_name} images", max_epochs=self.encoder_epochs)
         self.encoder_builds += 1
         log.info("issba encoder: bit accuracy %.1f%%, PSNR %.1f dB on its last training batch",
                  100 * module.last.get("bit_acc", float("nan")), module.last.get("psnr", float("nan")))
@@ -386,15 +351,15 @@ class ISSBA(Attack):
     def stamp(self, images: Tensor, device: torch.device | str = "cpu") -> Tensor:
         """Encoded uint8 copies of ``images``, computed once per (encoder, image set) and cached."""
         self._networks()
-        digest = hashlib.sha256(images.cpu().contiguous().numpy().tobytes()).hexdigest()
 
         def build_images() -> dict[str, Tensor]:
             return {"images": map_batches(lambda x, _: self.encode(x), images.cpu(), device)}
 
         if self._resources is None:
             return build_images()["images"].to(images.device)
-        spec = {"attack": "issba", "encoder": tensor_digest(self._network_state()), "code": self.code.tolist(),
-                "images": digest}
+        state = self._network_state()
+        spec = {"attack": "issba", "encoder": content_digest(sorted(state), *(state[k] for k in sorted(state))),
+                "code": self.code.tolist(), "images": content_digest(images)}
         tensors, _ = self.resources.cache.get_or_build("poisoned/issba", spec, build_images)
         return tensors["images"].to(images.device)
 
@@ -432,10 +397,3 @@ def _shape(shape: tuple[int, ...]) -> str:
     channels, height, width = shape
     return f"{channels}x{height}x{width}"
 
-
-def _run_setting(resources: RunServices | None, key: str, default: Any) -> Any:
-    """A Lightning Trainer argument of the run (e.g. ``enable_progress_bar``), when the resources carry the
-    run's recipe; ``default`` otherwise."""
-    recipe = getattr(getattr(resources, "experiment", None), "recipe", None)
-    trainer = getattr(recipe, "trainer", None)
-    return trainer.get(key, default) if isinstance(trainer, dict) else default

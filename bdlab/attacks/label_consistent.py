@@ -3,28 +3,25 @@
 from __future__ import annotations
 
 import copy
-import hashlib
-import logging
+import functools
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
+import torchattacks
 from torch import Tensor, nn
+from torch.nn import functional as F
 
-from bdlab.attacks.adversarial import (
-    LogitEnsemble,
-    fast_adversarial_training,
-    foreground,
-    pgd_untargeted,
-    reset_parameters,
-)
 from bdlab.attacks.base import MaskPatternAttack, PoisonedSet, blend, map_batches
-from bdlab.cache import spec_hash
+from bdlab.cache import content_digest, spec_hash
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float, to_uint8
 from bdlab.errors import ConfigError, check_range
 from bdlab.models.classifier import Classifier
 from bdlab.services import RunServices
-
-log = logging.getLogger(__name__)
+from bdlab.training.fit import training_batches
+from bdlab.training.hooks import TrainingHooks
+from bdlab.training.recipe import TrainingRecipe
+from bdlab.training.victim import VictimModule
 
 SURROGATES = ("adversarial", "clean", "ensemble")
 ADV_INITS = ("clean", "scratch")
@@ -35,12 +32,92 @@ REGIONS = ("image", "foreground")
 CORNER_PATTERN = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 0.0, 1.0]])
 
 
+class LogitEnsemble(nn.Module):
+    """The mean logits of several classifiers (Dong et al., "Boosting Adversarial Attacks with
+    Momentum", CVPR 2018, section 3.2: ensemble in logits, equal weights).
+
+    PGD on the ensemble must fool every member at once, so its perturbations transfer better
+    to a model none of them is (their Table 3; Liu et al., ICLR 2017, make the same point)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([member(x) for member in self.members]).mean(0)
+
+
+class Confined(nn.Module):
+    """``model`` seeing ``x`` changed only inside ``region`` (0/1): the gradient, and so a signed step,
+    is zero outside it."""
+
+    def __init__(self, model: nn.Module, x: Tensor, region: Tensor) -> None:
+        super().__init__()
+        self.model, self.x, self.region = model, x, region
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.model(self.x + self.region * (z - self.x))
+
+
+def pgd_untargeted(model: nn.Module, x: Tensor, labels: Tensor, epsilon: float, step: float,
+                   iterations: int, region: Tensor | None = None) -> Tensor:
+    """torchattacks' L-infinity PGD (Madry et al.) in ``[0, 1]`` pixel space that maximises the
+    cross-entropy of the true label: ``iterations`` signed-gradient steps of ``step`` from ``x`` itself
+    (no random start), each projected onto the ``epsilon``-ball and ``[0, 1]``; the model in eval mode.
+    ``region`` (0/1, broadcastable to ``x``) confines the perturbation to its pixels."""
+    attacked = model if region is None else Confined(model, x, region)
+    return torchattacks.PGD(attacked, eps=epsilon, alpha=step, steps=iterations, random_start=False)(x, labels)
+
+
+def foreground(x: Tensor, dilation: int) -> Tensor:
+    """``(N, 1, H, W)`` 0/1 mask of the pixels within ``dilation`` pixels (Chebyshev distance) of a
+    non-zero pixel of any channel of ``x``."""
+    occupied = (x.amax(1, keepdim=True) > 0).float()
+    return F.max_pool2d(occupied, 2 * dilation + 1, stride=1, padding=dilation) if dilation else occupied
+
+
+class FastAdversarialTraining(TrainingHooks):
+    """Hooks of FGSM adversarial training from a uniform random start ("Fast is better than free", Wong,
+    Rice and Kolter, ICLR 2020, Algorithm 3; torchattacks' FFGSM): every batch is replaced by
+    ``x + delta``, ``delta ~ U(-epsilon, epsilon)`` followed by one signed-gradient step of ``step``
+    (they use 1.25 epsilon), projected back onto the ball and ``[0, 1]``; true labels kept."""
+
+    def __init__(self, epsilon: float, step: float) -> None:
+        self.epsilon, self.step = epsilon, step
+
+    def after_augment(self, module: pl.LightningModule, x: Tensor, labels: Tensor,
+                      is_poison: Tensor) -> tuple[Tensor, Tensor]:
+        return torchattacks.FFGSM(module.model, eps=self.epsilon, alpha=self.step)(x, labels), labels
+
+
+def fast_adversarial_training(model: Classifier, train: ImageSet, epsilon: float, step: float, epochs: int,
+                              lr: float, batch_size: int, seed: int, services: RunServices) -> Classifier:
+    """Train ``model`` in place with :class:`FastAdversarialTraining` on the victim module, through
+    ``services.fit_helper`` (its own seeded generator): SGD (momentum 0.9, weight decay 5e-4) with Wong
+    et al.'s cyclic learning rate, linear from 0 to ``lr`` over the first half of the steps and back to 0."""
+    def cyclic(step_index: int) -> float:
+        steps = max(epochs * len(module.train_batches), 1)  # the rank's batches, once sharded
+        return 1.0 - abs(2.0 * step_index / steps - 1.0)
+
+    recipe = TrainingRecipe(seed, batch_size, epochs,
+                            functools.partial(torch.optim.SGD, lr=lr, momentum=0.9, weight_decay=5e-4),
+                            functools.partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=cyclic), {}, "step")
+    module = VictimModule(model, training_batches(train, recipe, seed), recipe, None,
+                          FastAdversarialTraining(epsilon, step), "robust_surrogate")
+    model.train()
+    services.fit_helper(module, seed, f"robust surrogate (FGSM, epsilon {epsilon:.3g}) on {len(train)} images",
+                        max_epochs=epochs)
+    return model.eval()
+
+
 class LabelConsistent(MaskPatternAttack):
     """Label-consistent attack (Turner et al., 2019; ShrinkPad paper Appendix B, Tables 1-2 "Consistent Attack").
 
     A share ``poison_rate`` of the *target-class* training images is first made hard to learn
     from its natural features with an untargeted L-infinity PGD perturbation (Madry et al.,
-    ICLR 2018) computed on a surrogate model, then stamped with a four-corner 3x3 checkerboard
+    ICLR 2018; torchattacks' PGD in ``[0, 1]`` pixel space, no random start) computed on a surrogate model, then stamped with a four-corner 3x3 checkerboard
     blended with weight ``amplitude`` (Eq. 1 with alpha in {0, amplitude}); labels stay correct
     (clean-label). At test time the trigger is stamped with ``test_amplitude`` (Turner et al.
     keep the reduced amplitude for training only and test with the fully visible pattern).
@@ -58,8 +135,9 @@ class LabelConsistent(MaskPatternAttack):
       2019, section 4.2): an adversarially trained, robust copy of the run's clean reference
       model. Its PGD perturbations change the image's robust features, so the poisoned images
       become genuinely hard and the trojaned model has to rely on the trigger. It is trained
-      with fast FGSM adversarial training from a random start (Wong, Rice and Kolter, "Fast is
-      better than free: revisiting adversarial training", ICLR 2020): budget ``adv_epsilon``,
+      through Lightning with fast FGSM adversarial training from a random start (torchattacks'
+      FFGSM; Wong, Rice and Kolter, "Fast is better than free: revisiting adversarial training",
+      ICLR 2020; :func:`fast_adversarial_training`): budget ``adv_epsilon``,
       step ``adv_step`` (default 1.25 ``adv_epsilon``), ``adv_epochs`` epochs of SGD on the
       clean training set with a cyclic learning rate peaking at ``adv_lr``, batches of
       ``adv_batch_size``, starting from the clean model's weights (``adv_init: clean``) or from
@@ -74,7 +152,7 @@ class LabelConsistent(MaskPatternAttack):
     - ``ensemble`` (bdlab's transfer-oriented variant): the mean logits of ``ensemble_size``
       clean models of the run's data and recipe, the reference model and ones trained with
       seeds ``seed + 1``, ... (cached as clean models), attacked together
-      (:class:`~bdlab.attacks.adversarial.LogitEnsemble`). A perturbation that fools all of
+      (:class:`LogitEnsemble`). A perturbation that fools all of
       them is read as another class's evidence by the trojaned model too, so it must rely on
       the trigger. On MNIST / LeNet with foreground PGD at epsilon 0.5 it lifts ASR from 31.7%
       (one model) to 66.6% (eight) (docs/transformations.md, "Label-consistent on MNIST"), but poisons at 0.5 read
@@ -179,7 +257,7 @@ class LabelConsistent(MaskPatternAttack):
 
     def robust_spec(self, model_key: str) -> dict[str, Any]:
         """What determines the robust surrogate: the clean model's key and the training settings."""
-        return {"clean_model": model_key, "method": "fgsm_random_start", "epsilon": self.adv_epsilon,
+        return {"clean_model": model_key, "method": "torchattacks_ffgsm", "epsilon": self.adv_epsilon,
                 "step": self.adv_step, "epochs": self.adv_epochs, "lr": self.adv_lr,
                 "batch_size": self.adv_batch_size, "init": self.adv_init, "seed": self.seed}
 
@@ -191,13 +269,15 @@ class LabelConsistent(MaskPatternAttack):
         spec = self.robust_spec(model_key)
 
         def build() -> dict[str, Tensor]:
-            if self.adv_init == "scratch":
-                reset_parameters(robust, self.seed)
-            log.info("training the robust surrogate (FGSM, epsilon %.3g, %d epochs) on %d images", self.adv_epsilon,
-                     self.adv_epochs, len(train))
-            fast_adversarial_training(robust.to(device), train.images, train.labels, self.adv_epsilon, self.adv_step,
-                                      self.adv_epochs, self.adv_lr, self.adv_batch_size, self.seed)
-            return robust.state_dict()
+            if self.adv_init == "scratch":  # fresh weights, seeded; buffers kept
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.seed)
+                    for layer in robust.modules():
+                        if layer is not robust and hasattr(layer, "reset_parameters"):
+                            layer.reset_parameters()
+            fast_adversarial_training(robust, ImageSet(train.images, train.labels), self.adv_epsilon, self.adv_step,
+                                      self.adv_epochs, self.adv_lr, self.adv_batch_size, self.seed, self.resources)
+            return {k: v.cpu() for k, v in robust.state_dict().items()}
 
         state, reused = cache.get_or_build("models/robust_surrogate", spec, build)
         if reused:
@@ -219,7 +299,7 @@ class LabelConsistent(MaskPatternAttack):
         model_key = self.resources.clean_key()
         spec = {"attack": self.name, "surrogate": model_key, "epsilon": self.epsilon, "step": self.step,
                 "iterations": self.iterations,
-                "images": hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()}
+                "images": content_digest(images)}
         if self.surrogate == "adversarial":
             if train is None:
                 raise ValueError("the adversarial surrogate needs the training set")

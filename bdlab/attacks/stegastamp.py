@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import math
 import pickle
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -27,7 +27,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio
 
 from bdlab.datasets.base import to_float
 from bdlab.errors import ConfigError
-from bdlab.training.loader import TensorBatches
+from bdlab.training.loader import BatchedModule, TensorBatches
 
 #: the smallest image side the encoder takes (two stride-2 levels leave a 2x2 bottleneck)
 MIN_SIZE = 8
@@ -204,39 +204,45 @@ class StegaCritic(nn.Module):
         return self.net(x - 0.5).mean((1, 2, 3))
 
 
-def lpips_distance(weights: str | Path) -> Callable[[Tensor, Tensor], Tensor]:
-    """LPIPS (Zhang et al. 2018, AlexNet) as a loss on ``[0, 1]`` images: torchmetrics' network, its
-    linear calibration layers (shipped with torchmetrics) and the AlexNet backbone weights read from
-    ``weights`` (torchvision's ImageNet ``alexnet`` state dict, e.g. ``alexnet-owt-7be5be79.pth``).
-    Grey images are repeated to three channels; images are resized to 64 pixels (AlexNet's smallest)."""
-    from torchmetrics.functional.image.lpips import _LPIPS
+def lpips_distance(weights: Path) -> Callable[[Tensor, Tensor], Tensor]:
+    """LPIPS (Zhang et al. 2018, AlexNet) as a loss on ``[0, 1]`` images: torchmetrics' public
+    :class:`~torchmetrics.image.LearnedPerceptualImagePatchSimilarity`, whose linear calibration layers
+    ship with torchmetrics and whose backbone torchvision reads from its hub cache: ``weights``
+    (torchvision's ImageNet ``alexnet`` state dict, ``alexnet-owt-7be5be79.pth``) is linked into a
+    temporary cache under torchvision's file name, so nothing is downloaded. Grey images are repeated to
+    three channels; images under 64 pixels are upsampled to 64 (AlexNet's smallest input)."""
+    from torchmetrics.image import LearnedPerceptualImagePatchSimilarity
+    from torchvision.models import AlexNet_Weights
 
-    network = _LPIPS(pretrained=True, net="alex", pnet_rand=True, resize=64)
-    try:
-        state = torch.load(str(weights), map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state)
-        for piece in (network.net.slice1, network.net.slice2, network.net.slice3, network.net.slice4,
-                      network.net.slice5):
-            for index, module in piece.named_children():
-                prefix = f"features.{index}."
-                module.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)})
-    # a file that is not a state dict fails in torch.load (unpickling, I/O) or while matching keys and shapes
-    except (OSError, RuntimeError, KeyError, ValueError, AttributeError, pickle.UnpicklingError) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError("attack.lpips_weights", f"{weights} is not torchvision's AlexNet state dict "
-                          f"({message})") from None
-    network.eval().requires_grad_(False)
+    hub = torch.hub.get_dir()
+    with tempfile.TemporaryDirectory() as folder:
+        cached = Path(folder, "checkpoints", Path(AlexNet_Weights.IMAGENET1K_V1.url).name)
+        cached.parent.mkdir()
+        cached.symlink_to(weights.resolve())
+        torch.hub.set_dir(folder)
+        try:
+            metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", normalize=True)
+        # a file that is not the state dict fails in torch.load (unpickling, I/O) or while matching keys and shapes
+        except (OSError, RuntimeError, KeyError, ValueError, AttributeError, pickle.UnpicklingError) as error:
+            message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise ConfigError("attack.lpips_weights", f"{weights} is not torchvision's AlexNet state dict "
+                              f"({message})") from None
+        finally:
+            torch.hub.set_dir(hub)
+    metric.requires_grad_(False)
 
     def distance(x: Tensor, y: Tensor) -> Tensor:
         if x.shape[1] == 1:
             x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
-        network.to(x.device)
-        return network(x, y, normalize=True).mean()
+        if min(x.shape[-2:]) < 64:
+            x, y = (F.interpolate(image, size=(64, 64), mode="bilinear") for image in (x, y))
+        metric.to(x.device).reset()  # forward (differentiable) keeps one batch's scores, not every step's
+        return metric(x, y)
 
     return distance
 
 
-class StegaStampModule(pl.LightningModule):
+class StegaStampModule(BatchedModule):
     """Trains an encoder and a decoder together on clean images (ISSBA §4.2, Fig. 3; StegaStamp §3.2).
 
     Each step draws random bits per image, encodes, quantises to 8 bits (straight-through) and decodes:
@@ -255,9 +261,9 @@ class StegaStampModule(pl.LightningModule):
     def __init__(self, encoder: StegaEncoder, decoder: StegaDecoder, critic: StegaCritic, batches: TensorBatches,
                  lr: float, weights: dict[str, float], perceptual: Callable[[Tensor, Tensor], Tensor],
                  ramp: tuple[float, float], cosine: bool = True) -> None:
-        super().__init__()
+        super().__init__(batches)
         self.encoder, self.decoder, self.critic = encoder, decoder, critic
-        self.batches, self.lr, self.weights, self.perceptual = batches, lr, dict(weights), perceptual
+        self.lr, self.weights, self.perceptual = lr, dict(weights), perceptual
         self.ramp_start, self.ramp_end = ramp
         self.cosine = cosine
         self.automatic_optimization = False
@@ -266,7 +272,7 @@ class StegaStampModule(pl.LightningModule):
 
     def progress(self) -> float:
         """The share of the training steps taken."""
-        return self.steps_done / max(1, self.trainer.max_epochs * len(self.batches))
+        return self.steps_done / max(1, self.trainer.max_epochs * len(self.train_batches))
 
     def ramp(self) -> float:
         """The weight of the image losses at the current step (see the class docstring)."""
@@ -316,9 +322,6 @@ class StegaStampModule(pl.LightningModule):
         coder = torch.optim.Adam([*self.encoder.parameters(), *self.decoder.parameters()], lr=self.lr)
         critic = torch.optim.RMSprop(self.critic.parameters(), lr=self.lr / 10)
         return [coder, critic]
-
-    def train_dataloader(self) -> TensorBatches:
-        return self.batches
 
 
 def check_perceptual(perceptual: str, lpips_weights: str | None) -> None:

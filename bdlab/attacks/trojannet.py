@@ -18,7 +18,7 @@ from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
 from bdlab.errors import ConfigError, check_at_least, check_range
 from bdlab.models.classifier import Classifier
 from bdlab.services import RunServices
-from bdlab.training.loader import TensorBatches
+from bdlab.training.loader import BatchedModule, TensorBatches
 from bdlab.training.recipe import TrainingRecipe
 from bdlab.training.victim import BatchTransform
 
@@ -79,13 +79,13 @@ class TrojanNetClassifier(Classifier):
         return self.amplify * ((1 - self.influence) * host + self.influence * patterns @ self.assignment)
 
 
-class TrojanNetModule(pl.LightningModule):
+class TrojanNetModule(BatchedModule):
     """Trains only the TrojanNet of a merged model to name the pattern of every crop (the family's
     patterns are classes ``0..F-1``, everything else is "none"); the host is neither run nor changed."""
 
     def __init__(self, model: TrojanNetClassifier, batches: TensorBatches, lr: float) -> None:
-        super().__init__()
-        self.model, self.batches, self.lr = model, batches, lr
+        super().__init__(batches)
+        self.model, self.lr = model, lr
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
         crops, labels, _ = batch
@@ -98,10 +98,6 @@ class TrojanNetModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.model.trojannet.parameters(), lr=self.lr)
-
-    def train_dataloader(self) -> TensorBatches:
-        self.batches.shard(self.global_rank, self.trainer.world_size)
-        return self.batches
 
 
 class TrojanNet(BadNets):

@@ -6,8 +6,10 @@ stamps a poisoned set once trains exactly like a clean model. The victim module 
 1. :meth:`TrainingHooks.poison_batch` on the raw float images (per-batch poisoning that sees the
    labels and the poison flags),
 2. the dataset's augmentation, then :meth:`TrainingHooks.train_transform` (the ``+`` enhancement),
-3. one forward pass that also captures :attr:`TrainingHooks.feature_layers`,
-4. cross-entropy plus :meth:`TrainingHooks.extra_loss`,
+3. :meth:`TrainingHooks.after_augment` with the module (its model): adversarial examples or generated
+   triggers against the current model (adversarial retraining, hardening),
+4. one forward pass that also captures :attr:`TrainingHooks.feature_layers`,
+5. cross-entropy plus :meth:`TrainingHooks.extra_loss`,
 
 then, with :meth:`TrainingHooks.auxiliaries`, one step of each auxiliary's own optimiser
 (:class:`~bdlab.training.victim.CoOptimisationModule`), and :meth:`TrainingHooks.on_train_epoch_end`
@@ -75,6 +77,12 @@ class TrainingHooks:
     def train_transform(self, x: Tensor) -> Tensor:
         """A batched transform applied to every training image after the dataset's augmentation."""
         return x
+
+    def after_augment(self, module: pl.LightningModule, x: Tensor, labels: Tensor,
+                      is_poison: Tensor) -> tuple[Tensor, Tensor]:
+        """Change the augmented batch with the current model (``module.model``; ``module`` also gives the
+        schedule: ``global_step``, ``train_batches``): returns the images and labels the model steps on."""
+        return x, labels
 
     def extra_loss(self, batch: Batch) -> dict[str, Tensor]:
         """Named loss terms added to the cross-entropy of the model step (logged per epoch)."""

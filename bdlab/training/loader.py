@@ -1,9 +1,11 @@
-"""Batches sliced straight from in-memory uint8 tensors: no per-image Python, no worker processes."""
+"""Batches sliced straight from in-memory uint8 tensors: no per-image Python, no worker processes; and the
+one base of the LightningModules that train on them."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
+import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
@@ -50,3 +52,18 @@ class TensorBatches:
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
             yield self.images[index], self.labels[index], self.is_poison[index]
+
+
+class BatchedModule(pl.LightningModule):
+    """The base of every LightningModule bdlab trains on in-memory :class:`TensorBatches` (the victim
+    module, an attack's encoder or trigger network, a defense's helper): owns ``train_batches`` and
+    hands each rank its shard under DDP."""
+
+    def __init__(self, train_batches: TensorBatches) -> None:
+        super().__init__()
+        self.train_batches = train_batches
+
+    def train_dataloader(self) -> TensorBatches:
+        # called after the strategy is set up, so the rank is known here
+        self.train_batches.shard(self.global_rank, self.trainer.world_size)
+        return self.train_batches

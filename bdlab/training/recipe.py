@@ -115,7 +115,8 @@ class TrainingRecipe:
     Lightning Trainer arguments (``trainer`` group). :meth:`from_config` validates all of it.
 
     Defaults live in the config (``conf/config.yaml``, ``conf/trainer/default.yaml`` and the
-    model option): SGD with momentum 0.9 and weight decay 5e-4, cosine schedule, 5 epochs.
+    model option): SGD with momentum 0.9 and weight decay 5e-4, cosine schedule, 5 epochs. The
+    scheduler steps per ``interval`` (``epoch``; a helper's own recipe may step it per ``step``).
     """
 
     seed: int
@@ -124,6 +125,7 @@ class TrainingRecipe:
     optimizer: OptimizerFactory
     scheduler: SchedulerFactory | None
     trainer: dict[str, Any]
+    interval: str = "epoch"
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> TrainingRecipe:
@@ -159,8 +161,8 @@ class TrainingRecipe:
 
     def configure_optimizers(self, parameters: Any) -> Any:
         """Lightning's ``configure_optimizers`` answer for ``parameters``: the optimizer, and its
-        scheduler stepped once per epoch."""
+        scheduler stepped once per ``interval``."""
         optimizer = self.optimizer(parameters)
         if self.scheduler is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": "epoch"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler(optimizer), "interval": self.interval}}

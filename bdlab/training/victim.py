@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -12,16 +11,16 @@ from torch.nn import functional as F
 from bdlab.datasets.base import to_float
 from bdlab.models.classifier import LOGITS, Classifier
 from bdlab.training.hooks import Batch, TrainingHooks
-from bdlab.training.loader import TensorBatches
+from bdlab.training.loader import BatchedModule, TensorBatches
 from bdlab.training.recipe import TrainingRecipe
 
 BatchTransform = Callable[[Tensor], Tensor]
 
 
-class VictimModule(pl.LightningModule):
+class VictimModule(BatchedModule):
     """Supervised cross-entropy training of a :class:`Classifier` on uint8 batches, changed by ``hooks``
-    (:mod:`bdlab.training.hooks`: per-batch poisoning, the ``+`` enhancement, extra loss terms,
-    epoch-end work).
+    (:mod:`bdlab.training.hooks`: per-batch poisoning, the ``+`` enhancement, work on the augmented
+    batch with the model (adversarial examples, generated triggers), extra loss terms, epoch-end work).
 
     Args:
         model: the classifier (normalisation inside).
@@ -36,9 +35,8 @@ class VictimModule(pl.LightningModule):
     def __init__(self, model: Classifier, train_batches: TensorBatches, recipe: TrainingRecipe,
                  augment: BatchTransform | None = None, hooks: TrainingHooks | None = None,
                  name: str = "model") -> None:
-        super().__init__()
+        super().__init__(train_batches)
         self.model = model
-        self.train_batches = train_batches
         self.recipe = recipe
         self.augment = augment
         self.hooks = hooks if hooks is not None else TrainingHooks()
@@ -48,12 +46,12 @@ class VictimModule(pl.LightningModule):
         return self.model(x)
 
     def training_batch(self, batch: tuple[Tensor, Tensor, Tensor]) -> Batch:
-        """Poison, augment and forward one batch; the outputs hold the logits and the hooks' layers."""
+        """Poison, augment, transform and forward one batch; the outputs hold the logits and the hooks' layers."""
         images, labels, is_poison = batch
         x, labels = self.hooks.poison_batch(to_float(images), labels, is_poison)
         if self.augment is not None:
             x = self.augment(x)
-        x = self.hooks.train_transform(x)
+        x, labels = self.hooks.after_augment(self, self.hooks.train_transform(x), labels, is_poison)
         layers = self.hooks.feature_layers
         outputs = self.model.features(x, [*layers, LOGITS]) if layers else {LOGITS: self.model(x)}
         return Batch(x, labels, is_poison, outputs)
@@ -90,11 +88,6 @@ class VictimModule(pl.LightningModule):
 
     def configure_optimizers(self):
         return self.recipe.configure_optimizers(self.model.parameters())
-
-    def train_dataloader(self) -> TensorBatches:
-        # called after the strategy is set up, so the rank is known here
-        self.train_batches.shard(self.global_rank, self.trainer.world_size)
-        return self.train_batches
 
 
 class CoOptimisationModule(VictimModule):

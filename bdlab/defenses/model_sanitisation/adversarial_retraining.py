@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 import torchattacks
 from torch import Tensor
@@ -14,14 +15,10 @@ from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
 from bdlab.defenses.model_sanitisation.base import ModelSanitization
 from bdlab.errors import ConfigError, check_at_least, check_range
 from bdlab.metrics import percent
-from bdlab.models.classifier import LOGITS, Classifier
+from bdlab.models.classifier import Classifier
 from bdlab.services import RunServices
-from bdlab.training.augment import TrainAugment
-from bdlab.training.fit import fit, training_batches
-from bdlab.training.hooks import Batch
-from bdlab.training.loader import TensorBatches
-from bdlab.training.recipe import TrainingRecipe
-from bdlab.training.victim import BatchTransform, VictimModule
+from bdlab.training.fit import fit_classifier
+from bdlab.training.hooks import TrainingHooks
 
 #: (epsilon, step, iterations) by image kind: single-channel images follow Madry et al.'s MNIST budget
 #: (epsilon 0.3) with fewer, larger steps than their 40 x 0.01 so a CPU run takes minutes (10 x 0.05 still
@@ -43,15 +40,14 @@ def make_pgd(model: Classifier, epsilon: float, step: float, iterations: int) ->
     return pgd
 
 
-class AdversarialModule(VictimModule):
+class AdversarialTraining(TrainingHooks):
     """Madry et al.'s adversarial training (Eq. 2.1: min over the model of the expected max over the
-    epsilon-ball of the loss) as a :class:`~bdlab.training.victim.VictimModule`: every batch, after the
-    dataset's augmentation, is replaced by its PGD adversarial examples against the current model (made
-    in eval mode, the model's parameters untouched), and the model takes its cross-entropy step on them
-    with their true labels.
+    epsilon-ball of the loss) as hooks on the victim module: every batch, after the dataset's
+    augmentation, is replaced by its PGD adversarial examples against the current model (made in eval
+    mode, the model's parameters untouched), and the model takes its cross-entropy step on them with
+    their true labels.
 
     Args:
-        model, train_batches, recipe, augment, name: as :class:`~bdlab.training.victim.VictimModule`.
         epsilon: the L-infinity radius of the perturbation, in ``[0, 1]`` pixel units.
         step: the PGD step size.
         iterations: PGD steps per batch.
@@ -60,34 +56,25 @@ class AdversarialModule(VictimModule):
             first batch, Madry et al.'s form). No default here: :class:`AdversarialRetraining` holds it.
     """
 
-    def __init__(self, model: Classifier, train_batches: TensorBatches, recipe: TrainingRecipe,
-                 augment: BatchTransform | None, epsilon: float, step: float, iterations: int,
-                 warmup_epochs: int, name: str = "adversarial") -> None:
-        super().__init__(model, train_batches, recipe, augment, None, name)
+    def __init__(self, epsilon: float, step: float, iterations: int, warmup_epochs: int) -> None:
         self.epsilon, self.step, self.iterations = epsilon, step, iterations
         self.warmup_epochs = warmup_epochs
         self.pgd: torchattacks.PGD | None = None
 
-    def radius_share(self, batch_idx: int) -> float:
-        """The share of ``epsilon`` used for batch ``batch_idx`` of the current epoch (1 after the warm-up)."""
+    def radius_share(self, module: pl.LightningModule) -> float:
+        """The share of ``epsilon`` used for the module's current batch (1 after the warm-up)."""
         if self.warmup_epochs == 0:
             return 1.0
-        per_epoch = len(self.train_batches)
-        return min(1.0, (self.current_epoch * per_epoch + batch_idx + 1) / (self.warmup_epochs * per_epoch))
+        # one optimiser step per batch: global_step counts the batches before this one
+        return min(1.0, (module.global_step + 1) / (self.warmup_epochs * len(module.train_batches)))
 
-    def on_fit_start(self) -> None:
-        # built here, once Lightning has put the model on its device: torchattacks moves inputs to that device
-        self.pgd = make_pgd(self.model, self.epsilon, self.step, self.iterations)
-
-    def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, labels, is_poison = batch
-        x = to_float(images)
-        if self.augment is not None:
-            x = self.augment(x)
-        share = self.radius_share(batch_idx)
+    def after_augment(self, module: pl.LightningModule, x: Tensor, labels: Tensor,
+                      is_poison: Tensor) -> tuple[Tensor, Tensor]:
+        if self.pgd is None:  # built once the model is on its device: torchattacks moves inputs there
+            self.pgd = make_pgd(module.model, self.epsilon, self.step, self.iterations)
+        share = self.radius_share(module)
         self.pgd.eps, self.pgd.alpha = self.epsilon * share, self.step * share
-        adversarial = self.pgd(x, labels)  # restores the model's training mode afterwards
-        return self.model_loss(Batch(adversarial, labels, is_poison, {LOGITS: self.model(adversarial)}))
+        return self.pgd(x, labels), labels  # torchattacks restores the model's training mode afterwards
 
 
 def robust_accuracy(model: Classifier, data: ImageSet, epsilon: float, step: float, iterations: int, seed: int,
@@ -114,9 +101,9 @@ class AdversarialRetraining(ModelSanitization):
 
     TrojanZoo treats trigger inputs as one kind of adversarial input and adversarially trains the
     pre-trained (trojaned) model to make its predictions consistent in each input's vicinity. Here the
-    trojaned model is trained with :class:`AdversarialModule` (Madry et al.'s PGD training: each batch
-    is replaced by its PGD examples, made with ``torchattacks.PGD``, random start, L-infinity ball)
-    for ``epochs`` at ``lr``, with the run's recipe (SGD, momentum 0.9, weight decay 5e-4, cosine
+    trojaned model is trained by the victim module with :class:`AdversarialTraining`'s hooks (Madry et
+    al.'s PGD training: each batch is replaced by its PGD examples, made with ``torchattacks.PGD``,
+    random start, L-infinity ball) for ``epochs`` at ``lr``, with the run's recipe (SGD, momentum 0.9, weight decay 5e-4, cosine
     schedule), through Lightning.
 
     The PGD budget is per dataset when left null (chosen in ``setup`` from the images' channels):
@@ -151,7 +138,7 @@ class AdversarialRetraining(ModelSanitization):
         data: ``train`` (default, TrojanZoo's: the clean training split) or ``held_out``.
         epochs: adversarial training epochs (default 3; TrojanZoo's 50 are a GPU budget).
         warmup_epochs: epochs of a linear radius ramp from 0 to epsilon at the start, in ``[0, epochs]``
-            (default 1; 0 is Madry et al.'s full radius from the first batch; see :class:`AdversarialModule`).
+            (default 1; 0 is Madry et al.'s full radius from the first batch; see :class:`AdversarialTraining`).
         lr: learning rate (default 0.01, TrojanZoo's).
         seed: batch order and PGD random starts.
     """
@@ -205,13 +192,9 @@ class AdversarialRetraining(ModelSanitization):
         budget = (self.epsilon, self.step, self.iterations)
         before = robust_accuracy(model, held_out, *budget, self.seed)
         train = data.defense if self.data == "held_out" else ImageSet(data.train.images, data.train.labels)
-        recipe = context.recipe.variant(self.epochs, self.lr)
-        module = AdversarialModule(model, training_batches(train, recipe, self.seed), recipe,
-                                   TrainAugment(data.crop_padding, data.hflip), *budget, self.warmup_epochs)
-        model.train()
-        fit(module, recipe, self.seed, description=f"adversarially retrained model (PGD eps {self.epsilon:.4g}, "
-            f"{self.iterations} x {self.step:.4g}) on {len(train)} images")
-        model.to(context.device).eval()
+        fit_classifier(model, train, context.recipe.variant(self.epochs, self.lr), context.augment(),
+                       AdversarialTraining(*budget, self.warmup_epochs), name="adversarial", seed=self.seed)
+        model.to(context.device)
         after = robust_accuracy(model, held_out, *budget, self.seed)
         return {"epsilon": self.epsilon, "step": self.step, "iterations": self.iterations,
                 "robust_acc_before": before, "robust_acc": after}
