@@ -86,7 +86,7 @@ def attribute(model: Classifier, images: Tensor, targets: Tensor | int, method: 
         # abs=False: SmoothGrad averages the signed gradients and takes the magnitude after (Smilkov eq. 3)
         explainer = Saliency(model)
     maps = []
-    try:
+    try:  # chunked here, not by predict(): captum needs gradients, which predict's inference mode does not keep
         for start in range(0, len(images), batch_size):
             x = images[start:start + batch_size].to(device).float().requires_grad_(True)
             target = targets[start:start + batch_size].to(device)

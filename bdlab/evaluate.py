@@ -134,9 +134,8 @@ def evaluate_attack(clean_model: nn.Module, trojan_model: nn.Module, services: R
     metrics.update(undefended.metrics("trojan"))
     metrics["attack/cad"] = metrics["clean/acc"] - metrics["trojan/acc"]
     if poisoned is not None:
-        sources = data.test.images[poisoned.sources]
-        metrics.update(stealthiness(sources, poisoned.images, services.device))
-        metrics["clean/nsr"] = nsr.measure(clean_model, sources, poisoned.images)
-        metrics["trojan/nsr"] = nsr.measure(trojan_model, sources, poisoned.images)
+        metrics.update(stealthiness(data.test.images[poisoned.sources], poisoned.images, services.device))
+        metrics["clean/nsr"] = nsr.measure(clean_model, services)
+        metrics["trojan/nsr"] = nsr.measure(trojan_model, services)
         metrics.update(attack.report(data.test, poisoned, services.device))
     return metrics, undefended

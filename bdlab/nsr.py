@@ -12,14 +12,18 @@ TrojanZoo leaves it unstated). A convolution's channels are averaged over space.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from omegaconf import DictConfig
 from torch import Tensor
 
-from bdlab.datasets.base import to_float
 from bdlab.errors import ConfigError
+from bdlab.evaluate import predict
 from bdlab.models.classifier import PENULTIMATE, Classifier
+
+if TYPE_CHECKING:
+    from bdlab.services import RunServices
 
 TOP_SHARE = 0.1
 #: images of each kind NSR averages over (the first ones of the clean and the poisoned test sets)
@@ -38,15 +42,10 @@ def neuron_separation(clean: Tensor, triggered: Tensor, k: int) -> float:
     return 1.0 - len(c & t) / len(c | t)
 
 
-@torch.no_grad()
-def layer_activations(model: Classifier, images: Tensor, layer: str, batch: int = 500) -> Tensor:
+def layer_activations(model: Classifier, images: Tensor, layer: str) -> Tensor:
     """``(N, D)`` activations of ``layer`` for uint8 ``images`` (channels averaged over space)."""
-    device = next(model.parameters()).device
-    outputs = []
-    for start in range(0, len(images), batch):
-        out = model.features(to_float(images[start:start + batch].to(device)), layer)
-        outputs.append((out.mean((2, 3)) if out.dim() == 4 else out.flatten(1)).cpu())
-    return torch.cat(outputs)
+    out = predict(model, images, layers=layer)
+    return out.mean((2, 3)) if out.dim() == 4 else out.flatten(1)
 
 
 def default_k(width: int) -> int:
@@ -90,5 +89,9 @@ class NSRSettings:
             raise ConfigError("nsr.top_k", f"got {self.top_k}, but layer {self.layer!r} has {width} neurons; "
                               f"use at most {width} or null (10%: {default_k(width)})")
 
-    def measure(self, model: Classifier, clean: Tensor, triggered: Tensor) -> float:
-        return model_nsr(model, clean, triggered, self.layer, self.top_k)
+    def measure(self, model: Classifier, services: RunServices) -> float:
+        """NSR of ``model`` between the run's poisoned test images and their clean sources: the one
+        measurement of the clean, the trojaned (``clean/nsr``, ``trojan/nsr``) and a sanitised model
+        (``defense/nsr``)."""
+        poisoned = services.poisoned_test
+        return model_nsr(model, services.data.test.images[poisoned.sources], poisoned.images, self.layer, self.top_k)

@@ -10,7 +10,7 @@ from torch import nn
 
 from bdlab.attacks.badnets import BadNets
 from bdlab.attacks.base import NoAttack
-from bdlab.defenses.data_filtering.activation_clustering import ActivationClustering, kmeans2, silhouette
+from bdlab.defenses.data_filtering.activation_clustering import ActivationClustering
 from bdlab.defenses.data_filtering.spectral_signature import SpectralSignature
 from bdlab.defenses.input_filtering.base import roc_auc
 from bdlab.errors import ConfigError
@@ -74,12 +74,31 @@ def test_activation_clustering_flags_only_the_planted_cluster() -> None:
     assert all(report[0] < defense.silhouette_threshold for label, report in defense.class_report.items() if label)
 
 
-def test_kmeans_and_silhouette_on_two_blobs() -> None:
+def test_activation_clustering_with_ica_flags_the_planted_cluster_in_one_component() -> None:
+    # ICA whitens every component to unit variance: in 10 of them the one planted direction drowns in isotropic
+    # noise (every class splits at ~0.07); reduced to 1, a halved Gaussian class scores ~0.57, the planted one 0.81
+    features, labels, is_poison = planted_features()
+    defense = ActivationClustering(dims=1, decomposition="ica", silhouette_threshold=0.7)
+    scores, flags = defense.detect(features, labels)
+    assert flags[is_poison].all() and flags[~is_poison].sum() <= 2
+
+
+def test_activation_clustering_splits_two_blobs_and_judges_by_size() -> None:
+    """A class made of two far blobs (50 + 30) splits along them at a silhouette near 1; by relative size a
+    37.5% minority is clean (above 0.35), and at a threshold of 0.4 it is flagged; a Gaussian class never is."""
     generator = torch.Generator().manual_seed(1)
-    points = torch.cat([torch.randn(50, 2, generator=generator), torch.randn(30, 2, generator=generator) + 20])
-    assign = kmeans2(points.double(), generator)
-    assert assign[:50].unique().numel() == 1 and assign[50:].unique().numel() == 1 and assign[0] != assign[-1]
-    assert silhouette(points.double(), assign, generator) > 0.9
+    blobs = torch.cat([torch.randn(50, 4, generator=generator), torch.randn(30, 4, generator=generator) + 20])
+    features = torch.cat([blobs, torch.randn(80, 4, generator=generator)])
+    labels = torch.arange(2).repeat_interleave(80)
+    defense = ActivationClustering(dims=1, criterion="size")
+    scores, flags = defense.detect(features, labels)
+    assert defense.class_report[0] == (pytest.approx(1.0, abs=0.1), pytest.approx(30 / 80))
+    assert defense.class_report[1][1] > 0.4 and not flags.any()
+    defense = ActivationClustering(dims=1, criterion="both", size_threshold=0.4)
+    scores, flags = defense.detect(features, labels)
+    assert flags[50:80].all() and flags.sum() == 30  # the smaller blob, nothing of the Gaussian class
+    assert scores[50:80].min() > scores[:50].max()
+    assert defense.detect(features, labels)[0].equal(scores)  # seeded: the same split twice
 
 
 def pixel_feature_context(tmp_path: Path, retrain) -> RunServices:

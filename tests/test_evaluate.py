@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 
 from bdlab.datasets.base import ImageSet
-from bdlab.evaluate import defense_effect, evaluate
+from bdlab.evaluate import defense_effect, evaluate, predict
+from bdlab.models.classifier import PENULTIMATE, Classifier
 
 
 class ByFirstPixel(nn.Module):
@@ -63,3 +64,27 @@ def test_defense_effect_is_before_minus_after() -> None:
     assert metrics["defense/cad"] == pytest.approx(75.0)
     assert metrics["defense/asr_before"] == 75.0 and metrics["defense/asr"] == 100.0
     assert metrics["defense/ard"] == pytest.approx(-25.0)
+
+
+def small_classifier() -> Classifier:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+    return Classifier(net, (0.5,), (0.25,)).train()  # left in training mode: predict() switches to eval
+
+
+def test_predict_reads_uint8_and_float_layers_and_chunks_like_one_pass() -> None:
+    model = small_classifier()
+    x = torch.randint(0, 256, (7, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    expected = model.eval()(x.float() / 255)
+    model.train()
+    logits = predict(model, x, batch_size=3)  # chunks of 3, 3 and 1
+    assert not model.training and logits.dtype == torch.float32 and torch.allclose(logits, expected, atol=1e-6)
+    assert torch.allclose(predict(model, x.float() / 255), logits, atol=1e-6)  # float input in [0, 1] as it is
+    assert torch.allclose(predict(model, x, batch_size=100), logits, atol=1e-6)
+    one = predict(model, x, layers="0")  # one name: a tensor of that layer
+    both = predict(model, x, layers=["0", PENULTIMATE], batch_size=2)  # a list: a dict
+    assert one.shape == (7, 3, 4, 4) and set(both) == {"0", PENULTIMATE}
+    assert torch.allclose(both["0"], one, atol=1e-6) and both[PENULTIMATE].shape == (7, 48)
+    assert torch.allclose(both[PENULTIMATE], model.features(x.float() / 255, PENULTIMATE).detach(), atol=1e-6)
+    flipped = predict(model, x, transform=lambda batch: 1 - batch, batch_size=3)  # per chunk, before the model
+    assert torch.allclose(flipped, model(1 - x.float() / 255).detach(), atol=1e-6)

@@ -19,7 +19,6 @@ from bdlab.errors import ConfigError
 from bdlab.models.classifier import Classifier
 from bdlab.pipeline import execute, prepare
 from bdlab.services import RunServices
-from bdlab.training.recipe import TrainingRecipe
 from tests.conftest import TINY_RUN, make_services, make_splits
 
 TARGET = 2
@@ -123,31 +122,33 @@ def smooth_images(count: int, size: int = 16, seed: int = 0) -> ImageSet:
 def test_magnet_autoencoder_learns_is_cached_and_reused_and_flags_off_manifold_inputs(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     train = smooth_images(256)
-    recipe = TrainingRecipe.from_config(compose_config(TINY_RUN))
+    data = make_splits(train.images, train.labels)
+    services = RunServices(compose_config(TINY_RUN), data, cache=ArtifactCache(tmp_path / "cache"))
     defense = MagNet(epochs=3, batch_size=32, lr=0.01, seed=0)
-    cache = ArtifactCache(tmp_path / "cache")
-    model, reused, tensors = defense.autoencoder(train, recipe, cache)
-    losses = tensors["losses"]
-    assert not reused and len(losses) == 3 and losses[-1] < 0.5 * losses[0]
+    before = torch.get_rng_state()
+    model, losses, seconds = defense.autoencoder(services)
+    assert len(losses) == 3 and losses[-1] < 0.5 * losses[0] and seconds > 0
+    assert torch.equal(torch.get_rng_state(), before)  # trained under a forked RNG: the run's random state is kept
     assert len(list((tmp_path / "cache" / "autoencoders" / "magnet").glob("*/tensors.safetensors"))) == 1
 
     def no_training(*args, **kwargs) -> None:
         raise AssertionError("the cached autoencoder was trained again")
 
-    monkeypatch.setattr("bdlab.defenses.input_filtering.magnet.fit", no_training)
-    again, reused, _ = defense.autoencoder(train, recipe, cache)
-    assert reused and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+    monkeypatch.setattr(services, "fit_helper", no_training)
+    again, _, seconds_again = defense.autoencoder(services)
+    assert seconds_again == seconds  # the stored training time
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     with pytest.raises(AssertionError):  # other settings are another artifact
-        MagNet(epochs=5, batch_size=32, lr=0.01).autoencoder(train, recipe, cache)
+        MagNet(epochs=5, batch_size=32, lr=0.01).autoencoder(services)
 
     defense.autoencoder_model = model
     clean = to_float(smooth_images(64, seed=1).images)
     triggered = clean.clone()
     triggered[:, :, -3:, -3:] = 1.0  # BadNets' white corner patch
     noise = torch.rand(clean.shape, generator=torch.Generator().manual_seed(2))
-    clean_error = defense.reconstruction_error(clean)
-    assert (defense.reconstruction_error(triggered) > clean_error).float().mean() > 0.95
-    assert defense.reconstruction_error(noise).min() > clean_error.max()
+    clean_error = defense.scores(services, clean)
+    assert (defense.scores(services, triggered) > clean_error).float().mean() > 0.95
+    assert defense.scores(services, noise).min() > clean_error.max()
     assert defense.reconstruct(clean).shape == clean.shape
 
 

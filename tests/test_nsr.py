@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from bdlab.compose import compose_config
+from bdlab.datasets.base import PoisonedTestSet
 from bdlab.errors import ConfigError
 from bdlab.models.classifier import Classifier
 from bdlab.nsr import NSRSettings, model_nsr, neuron_separation
 from bdlab.pipeline import prepare
-from tests.conftest import TINY_RUN
+from tests.conftest import TINY_RUN, make_services, make_splits
 
 
 def test_same_top_neurons_give_zero_and_disjoint_ones_give_one() -> None:
@@ -79,8 +80,12 @@ def test_settings_name_the_layer_and_k() -> None:
     clean[:, :, :, :2] = 200
     triggered = clean.clone()
     triggered[:, :, :, 2:] = 255
-    assert NSRSettings("fc1", 10).measure(model, clean, triggered) == 1.0
-    assert NSRSettings("fc1", 20).measure(model, clean, triggered) == 0.0
+    # the run's poisoned test images against their sources, test images 8..15 (0..7 look triggered already)
+    data = make_splits(torch.cat([triggered, clean]), torch.zeros(16, dtype=torch.long))
+    poisoned = PoisonedTestSet(triggered, torch.zeros(8, dtype=torch.long), torch.arange(8, 16))
+    services = make_services(data, None, model, poisoned_test=poisoned)
+    assert NSRSettings("fc1", 10).measure(model, services) == 1.0
+    assert NSRSettings("fc1", 20).measure(model, services) == 0.0
     NSRSettings("fc1", 20).check(model, (1, 4, 4))
 
 

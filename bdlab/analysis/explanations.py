@@ -8,7 +8,6 @@ import math
 from typing import Any
 
 import matplotlib.pyplot as plt
-import torch
 from torch import Tensor
 
 from bdlab.analysis.base import Analysis
@@ -26,6 +25,7 @@ from bdlab.attribution import (
 )
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
 from bdlab.errors import ConfigError, check_at_least
+from bdlab.evaluate import evaluate
 from bdlab.models.classifier import Classifier
 from bdlab.services import RunServices
 from bdlab.transforms import check_scale, rotate, scale
@@ -195,16 +195,14 @@ class SmoothGradMaps(ExplanationMaps):
         poisoned_x = to_float(poisoned.images)
         mask = _local_mask(context.attack)
         model = context.trojan_model()
-        device = next(model.parameters()).device
         for kind, parameters, op in (("scale", self.scales, scale), ("rotate", self.angles, rotate)):
             for parameter in parameters:
                 moved = op(poisoned_x, parameter)
-                with torch.no_grad():
-                    predicted = torch.cat([model(moved[s:s + 500].to(device)).argmax(1).cpu()
-                                           for s in range(0, len(moved), 500)])
+                outcome = evaluate(model, None, poisoned, target, lambda x, op=op, p=parameter: op(x, p))
+                predicted = outcome.poisoned_logits.argmax(1)
                 maps = self.maps(model, moved, predicted)
                 key = f"analysis/{self.name}/{kind}_{parameter:g}"
-                metrics[f"{key}/asr"] = 100.0 * float((predicted == target).float().mean())
+                metrics[f"{key}/asr"] = outcome.asr
                 moved_mask = None if mask is None else op(mask[None, None].float(), parameter)[0, 0] > 0.5
                 if moved_mask is not None and not moved_mask.any():
                     moved_mask = None  # the transform moved the trigger out of the frame: no share to measure

@@ -15,6 +15,7 @@ from bdlab.attacks.badnets import BadNets
 from bdlab.attacks.base import PoisonedSet, blend, check_init
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
 from bdlab.errors import ConfigError, check_at_least, check_range
+from bdlab.evaluate import predict
 from bdlab.models.classifier import PENULTIMATE, Classifier
 from bdlab.services import RunServices
 from bdlab.training.hooks import Batch
@@ -24,19 +25,13 @@ from bdlab.training.victim import BatchTransform
 
 log = logging.getLogger(__name__)
 
-@torch.no_grad()
-def mean_features(model: Classifier, images: Tensor, layer: str, batch_size: int = 1024) -> Tensor:
+def mean_features(model: Classifier, images: Tensor, layer: str) -> Tensor:
     """The mean activation vector of ``layer`` (flattened) over uint8 ``images``, in eval mode (the
-    model's mode is restored)."""
+    model's mode is restored: it is called between training epochs)."""
     training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total = None
-    for start in range(0, len(images), batch_size):
-        features = model.features(to_float(images[start:start + batch_size].to(device)), layer).flatten(1)
-        total = features.sum(0) if total is None else total + features.sum(0)
+    features = predict(model, images, layers=layer).flatten(1)
     model.train(training)
-    return total / len(images)
+    return features.sum(0) / len(images)  # outside inference mode: a plain tensor the latent loss can keep
 
 
 def latent_trigger(model: Classifier, x: Tensor, mask: Tensor, pattern: Tensor, layer: str, target_features: Tensor,

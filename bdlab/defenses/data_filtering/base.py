@@ -26,12 +26,11 @@ import torch
 from torch import Tensor
 
 from bdlab.attacks.base import Attack, NoAttack
-from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
-from bdlab.defenses.base import ARD, DEFENSE_CAD
-from bdlab.defenses.input_filtering.base import InputFilteringDefense, roc_auc
+from bdlab.datasets.base import DatasetSplits, ImageSet
+from bdlab.defenses.base import ARD, DEFENSE_CAD, Defense
+from bdlab.defenses.input_filtering.base import FILTER_METRICS, check_filter_settings, detection_rates, filter_inputs
 from bdlab.errors import ConfigError
-from bdlab.evaluate import EVAL_BATCH, defense_effect, evaluate, model_device
-from bdlab.metrics import percent
+from bdlab.evaluate import defense_effect, evaluate, predict
 from bdlab.models.classifier import LOGITS, PENULTIMATE, Classifier
 from bdlab.services import RunServices
 
@@ -40,27 +39,21 @@ log = logging.getLogger(__name__)
 MODES = ("train_data", "inference")
 
 
-@torch.inference_mode()
-def penultimate_features(model: Classifier, images: Tensor, batch_size: int = EVAL_BATCH) -> tuple[Tensor, Tensor]:
+def penultimate_features(model: Classifier, images: Tensor) -> tuple[Tensor, Tensor]:
     """Penultimate features (float32, CPU) and predicted classes of uint8 ``images``."""
-    model.eval()
-    device = model_device(model)
-    features, predictions = [], []
-    for start in range(0, len(images), batch_size):
-        outputs = model.features(to_float(images[start:start + batch_size].to(device)), [PENULTIMATE, LOGITS])
-        features.append(outputs[PENULTIMATE].float().cpu())
-        predictions.append(outputs[LOGITS].argmax(1).cpu())
-    return torch.cat(features), torch.cat(predictions)
+    outputs = predict(model, images, layers=[PENULTIMATE, LOGITS])
+    return outputs[PENULTIMATE], outputs[LOGITS].argmax(1)
 
 
-class DataFilteringDefense(InputFilteringDefense):
+class DataFilteringDefense(Defense):
     """Base of defenses that find poisoned samples in penultimate features, class by class.
 
     Subclasses implement :meth:`detect`. Args:
         mode: ``train_data`` (default) or ``inference`` (see the module docstring).
         retrain: in ``train_data`` mode, retrain on the kept samples and report ASR/ACC/ARD/CAD
             (default true). Needs a poisoned training set, so not with ``attack=none``.
-        fpr, max_inputs, seed: the input-filtering protocol's, used in ``inference`` mode.
+        fpr, max_inputs, seed: the input-filtering protocol's
+            (:class:`~bdlab.defenses.input_filtering.base.InputFilteringDefense`), used in ``inference`` mode.
     """
 
     category = "data_filtering"
@@ -78,13 +71,14 @@ class DataFilteringDefense(InputFilteringDefense):
     #: the settings that decide how much is removed, named when the decision removes everything
     removal_hint = "change the settings that decide how much is removed"
 
-    def __init__(self, mode: str = "train_data", retrain: bool = True, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, mode: str = "train_data", retrain: bool = True, fpr: float = 0.05, max_inputs: int | None = None,
+                 seed: int = 0) -> None:
+        check_filter_settings(fpr, max_inputs)
         if mode not in MODES:
             raise ConfigError("defense.mode", f"got {mode!r}, must be one of {list(MODES)}")
-        self.mode, self.retrain = mode, retrain
+        self.mode, self.retrain, self.fpr, self.max_inputs, self.seed = mode, retrain, fpr, max_inputs, seed
         if mode == "inference":
-            self.category = "input_filtering"
+            self.category, self.headline_metrics = "input_filtering", FILTER_METRICS
         else:
             self.headline_metrics = self.training_data_metrics
 
@@ -115,7 +109,7 @@ class DataFilteringDefense(InputFilteringDefense):
 
     def run(self, context: RunServices) -> dict[str, Any]:
         if self.mode == "inference":
-            return super().run(context)
+            return filter_inputs(context, self.scores, self.fpr, self.max_inputs, self.seed, self.name)
         train = context.poisoned_train
         if train is None:  # attack=none without retraining: every sample is clean
             train = ImageSet(context.data.train.images, context.data.train.labels)
@@ -124,12 +118,9 @@ class DataFilteringDefense(InputFilteringDefense):
             is_poison = train.is_poison
         features, _ = penultimate_features(context.trojan_model(), train.images)
         scores, flags = self.detect(features, train.labels, self.clean_reference(context))
-        metrics: dict[str, Any] = {
-            "defense/poison_tpr": percent(flags[is_poison]),
-            "defense/poison_fpr": percent(flags[~is_poison]),
-            "defense/poison_roc_auc": roc_auc(scores[~is_poison], scores[is_poison]),
-            "defense/removed": int(flags.sum()),
-        }
+        metrics: dict[str, Any] = {**detection_rates(flags[~is_poison], scores[~is_poison], flags[is_poison],
+                                                     scores[is_poison], "defense/poison_"),
+                                   "defense/removed": int(flags.sum())}
         keep = (~flags).nonzero().flatten()
         if self.retrain and context.poisoned_test is not None and len(keep) == 0:
             log.warning("%s removed all %d training samples, so there is nothing to retrain on and the ACC/ASR "

@@ -24,6 +24,7 @@ import logging
 import math
 import time
 from abc import abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -101,9 +102,73 @@ def subsample(count: int, limit: int | None, seed: int) -> Tensor:
     return torch.randperm(count, generator=generator)[:limit].sort().values
 
 
+def detection_rates(clean_flags: Tensor, clean_scores: Tensor, poisoned_flags: Tensor | None = None,
+                    poisoned_scores: Tensor | None = None, prefix: str = "defense/") -> dict[str, float]:
+    """``{prefix}fpr`` (flagged share of clean inputs, %) and, with poisoned inputs, ``{prefix}tpr`` (their
+    flagged share, %) and ``{prefix}roc_auc`` (:func:`roc_auc` of the scores): what both filtering
+    protocols report, on inputs here and on training samples in data filtering."""
+    rates = {f"{prefix}fpr": percent(clean_flags)}
+    if poisoned_flags is not None and poisoned_scores is not None:
+        rates.update({f"{prefix}tpr": percent(poisoned_flags), f"{prefix}roc_auc": roc_auc(clean_scores,
+                                                                                          poisoned_scores)})
+    return rates
+
+
+def check_filter_settings(fpr: float, max_inputs: int | None) -> None:
+    """Refuse an ``fpr`` outside (0, 1) or a ``max_inputs`` below 1 (null = all)."""
+    check_range("defense.fpr", fpr, 0.0, 1.0, low_open=True, high_open=True)
+    if max_inputs is not None and max_inputs < 1:
+        raise ConfigError("defense.max_inputs", f"got {max_inputs}, must be >= 1 or null (all)")
+
+
+def filter_inputs(context: RunServices, scores: Callable[[RunServices, Tensor], Tensor], fpr: float,
+                  max_inputs: int | None, seed: int, name: str) -> dict[str, Any]:
+    """The protocol of this module for any scoring function ``scores(context, uint8 images)``: the
+    held-out clean, clean test and poisoned test inputs are scored in one call, in that order (defenses
+    that compare inputs with each other see the whole stream); the threshold is set on the held-out
+    scores at ``fpr``; clean and poisoned test inputs are at most ``max_inputs`` each (seeded by ``seed``)."""
+    model, target = context.trojan_model(), context.attack.target_class
+    clean = context.data.test.subset(subsample(len(context.data.test), max_inputs, seed))
+    poisoned = context.poisoned_test
+    if poisoned is not None:
+        poisoned = poisoned.subset(subsample(len(poisoned), max_inputs, seed + 1))
+    parts = [context.data.defense.images, clean.images] + ([poisoned.images] if poisoned is not None else [])
+    started = time.perf_counter()
+    all_scores = scores(context, torch.cat(parts)).float().cpu()
+    elapsed = time.perf_counter() - started
+    held_scores, clean_scores, *rest = all_scores.split([len(part) for part in parts])
+    poisoned_scores = rest[0] if rest else None
+    threshold = threshold_at_fpr(held_scores, fpr)
+    clean_flags = clean_scores > threshold
+    predicted = evaluate(model, clean, poisoned, target)
+    clean_correct = predicted.clean_logits.argmax(1) == clean.labels
+    poisoned_flags = None if poisoned_scores is None else poisoned_scores > threshold
+    metrics: dict[str, Any] = {
+        "defense/threshold": threshold,
+        **detection_rates(clean_flags, clean_scores, poisoned_flags, poisoned_scores),
+        "defense/acc_after_rejection": percent(clean_correct & ~clean_flags),
+        "defense/acc_cost": percent(clean_correct) - percent(clean_correct & ~clean_flags),
+        "defense/time_per_input_ms": 1000.0 * elapsed / len(all_scores),
+    }
+    if poisoned_flags is not None:
+        hits = predicted.poisoned_logits.argmax(1) == target
+        metrics["defense/asr_after_rejection"] = percent(hits & ~poisoned_flags)
+    title = f"{name} vs {context.attack.display_name} on {context.data.name}"
+    path = save_histogram(Path(context.output_dir) / HISTOGRAM_FILE, clean_scores, poisoned_scores, threshold, title)
+    for logger in context.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key="defense/score_histogram", images=[str(path)])
+    return metrics
+
+
+#: the headline metrics of an input filter (also of a data filter in ``inference`` mode)
+FILTER_METRICS = (TPR, ("defense/fpr", "Input filtering: FPR (%)"), ("defense/roc_auc", "Input filtering: ROC-AUC"),
+                  ART_INPUT)
+
+
 class InputFilteringDefense(Defense):
     """Base of input-filtering defenses: subclasses implement :meth:`scores`; :meth:`run` applies the
-    protocol of this module (threshold at ``fpr`` on the held-out clean split).
+    protocol of this module (:func:`filter_inputs`: threshold at ``fpr`` on the held-out clean split).
 
     Args:
         fpr: false-positive rate the threshold is set to on held-out clean inputs, in (0, 1)
@@ -114,66 +179,15 @@ class InputFilteringDefense(Defense):
     """
 
     category = "input_filtering"
-    headline_metrics = (
-        TPR,
-        ("defense/fpr", "Input filtering: FPR (%)"),
-        ("defense/roc_auc", "Input filtering: ROC-AUC"),
-        ART_INPUT,
-    )
+    headline_metrics = FILTER_METRICS
 
     def __init__(self, fpr: float = 0.05, max_inputs: int | None = None, seed: int = 0) -> None:
-        check_range("defense.fpr", fpr, 0.0, 1.0, low_open=True, high_open=True)
-        if max_inputs is not None and max_inputs < 1:
-            raise ConfigError("defense.max_inputs", f"got {max_inputs}, must be >= 1 or null (all)")
-        self.fpr = fpr
-        self.max_inputs = max_inputs
-        self.seed = seed
+        check_filter_settings(fpr, max_inputs)
+        self.fpr, self.max_inputs, self.seed = fpr, max_inputs, seed
 
     @abstractmethod
     def scores(self, context: RunServices, images: Tensor) -> Tensor:
-        """Suspicion scores (float, CPU, one per image) of uint8 ``images``; higher = more suspicious.
-
-        The protocol scores the held-out clean, clean test and poisoned test inputs in one call,
-        in that order, so defenses that compare inputs with each other see the whole stream.
-        """
+        """Suspicion scores (float, CPU, one per image) of uint8 ``images``; higher = more suspicious."""
 
     def run(self, context: RunServices) -> dict[str, Any]:
-        model, target = context.trojan_model(), context.attack.target_class
-        clean = context.data.test.subset(subsample(len(context.data.test), self.max_inputs, self.seed))
-        poisoned = context.poisoned_test
-        if poisoned is not None:
-            poisoned = poisoned.subset(subsample(len(poisoned), self.max_inputs, self.seed + 1))
-        held_out = context.data.defense.images
-        parts = [held_out, clean.images] + ([poisoned.images] if poisoned is not None else [])
-        started = time.perf_counter()
-        all_scores = self.scores(context, torch.cat(parts)).float().cpu()
-        elapsed = time.perf_counter() - started
-        split = all_scores.split([len(part) for part in parts])
-        held_scores, clean_scores = split[0], split[1]
-        poisoned_scores = split[2] if poisoned is not None else None
-        threshold = threshold_at_fpr(held_scores, self.fpr)
-        clean_flags = clean_scores > threshold
-        predicted = evaluate(model, clean, poisoned, target)
-        clean_correct = predicted.clean_logits.argmax(1) == clean.labels
-        metrics: dict[str, Any] = {
-            "defense/threshold": threshold,
-            "defense/fpr": percent(clean_flags),
-            "defense/acc_after_rejection": percent(clean_correct & ~clean_flags),
-            "defense/acc_cost": percent(clean_correct) - percent(clean_correct & ~clean_flags),
-            "defense/time_per_input_ms": 1000.0 * elapsed / len(all_scores),
-        }
-        if poisoned is not None:
-            poisoned_flags = poisoned_scores > threshold
-            hits = predicted.poisoned_logits.argmax(1) == target
-            metrics.update({
-                "defense/tpr": percent(poisoned_flags),
-                "defense/roc_auc": roc_auc(clean_scores, poisoned_scores),
-                "defense/asr_after_rejection": percent(hits & ~poisoned_flags),
-            })
-        title = f"{self.name} vs {context.attack.display_name} on {context.data.name}"
-        path = save_histogram(Path(context.output_dir) / HISTOGRAM_FILE, clean_scores, poisoned_scores, threshold,
-                              title)
-        for logger in context.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(key="defense/score_histogram", images=[str(path)])
-        return metrics
+        return filter_inputs(context, self.scores, self.fpr, self.max_inputs, self.seed, self.name)

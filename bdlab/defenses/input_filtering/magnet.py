@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -13,16 +12,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from bdlab.attacks.base import Attack
-from bdlab.cache import ArtifactCache
-from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
+from bdlab.datasets.base import DatasetSplits, to_float
 from bdlab.defenses.input_filtering.base import InputFilteringDefense
 from bdlab.defenses.input_reformation.base import InputReformation
 from bdlab.errors import ConfigError, check_at_least, check_range
-from bdlab.evaluate import defense_effect, evaluate
+from bdlab.evaluate import defense_effect, evaluate, predict
 from bdlab.services import RunServices
-from bdlab.training.fit import fit
 from bdlab.training.loader import TensorBatches
-from bdlab.training.recipe import TrainingRecipe
 
 POOLS = ("average", "max")
 
@@ -95,11 +91,15 @@ class AutoencoderModule(pl.LightningModule):
         return self.batches
 
 
-def train_digest(train: ImageSet) -> str:
-    """SHA-256 of the clean training images (shape and bytes): the data part of the autoencoder's key."""
-    digest = hashlib.sha256(str(tuple(train.images.shape)).encode())
-    digest.update(train.images.cpu().numpy().tobytes())
-    return digest.hexdigest()
+class ReconstructionError(nn.Module):
+    """MagNet's detector score (§3.1, Eq. 1), ``mean |x - ae(x)|^p`` over the pixels of each image of a float batch."""
+
+    def __init__(self, autoencoder: Autoencoder, norm: int) -> None:
+        super().__init__()
+        self.autoencoder, self.norm = autoencoder, norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.autoencoder(x)).abs().pow(self.norm).flatten(1).mean(1)
 
 
 class MagNet(InputFilteringDefense):
@@ -185,37 +185,30 @@ class MagNet(InputFilteringDefense):
         return {"structure": self.structure, "noise": self.noise, "epochs": self.epochs, "lr": self.lr,
                 "batch_size": self.batch_size, "seed": self.seed}
 
-    def autoencoder(self, train: ImageSet, recipe: TrainingRecipe, cache: ArtifactCache | None,
-                    device: torch.device | str = "cpu") -> tuple[Autoencoder, bool, dict[str, Tensor]]:
-        """The autoencoder trained on ``train`` (from the cache when this config trained it before): the
-        model on ``device`` in eval mode, whether it was reused, and the stored tensors (``losses``: the
-        mean denoising MSE of each epoch; ``seconds``: the training time)."""
+    def autoencoder(self, context: RunServices) -> tuple[Autoencoder, Tensor, float]:
+        """The autoencoder trained on the clean training set with the run's trainer settings (from the
+        cache when this config trained it before): the model on the run's device in eval mode, the mean
+        denoising MSE of each epoch and the training seconds."""
+        train = context.data.train
         channels = train.images.shape[1]
 
-        def build() -> dict[str, Tensor]:
-            pl.seed_everything(self.seed, verbose=False)
+        with torch.random.fork_rng(devices=[]):  # initialised by the defense's seed, the run's RNG untouched
+            torch.manual_seed(self.seed)
             model = Autoencoder(channels, self.structure)
+
+        def build() -> dict[str, Tensor]:
             batches = TensorBatches(train.images, train.labels, self.batch_size, shuffle=True, seed=self.seed)
             module = AutoencoderModule(model, batches, self.noise, self.lr)
-            started = time.perf_counter()
-            # the run's Trainer arguments (accelerator, precision, ...) for the autoencoder's own epochs
-            fit(module, recipe.variant(self.epochs, self.lr), self.seed, description="MagNet autoencoder")
-            seconds = time.perf_counter() - started
-            return {**{f"model/{k}": v for k, v in model.state_dict().items()},
-                    "losses": torch.tensor(module.epoch_losses), "seconds": torch.tensor(seconds)}
+            context.fit_helper(module, self.seed, "MagNet autoencoder", max_epochs=self.epochs)
+            return {**{f"model/{k}": v for k, v in model.state_dict().items()}, "losses": torch.tensor(module.epoch_losses)}
 
-        expected = set(Autoencoder(channels, self.structure).state_dict())
-        if cache is None:
-            tensors, reused = build(), False
-        else:
-            spec = {"defense": self.name, "data": train_digest(train), "channels": channels,
-                    "settings": self.settings()}
-            tensors, reused = cache.get_or_build(f"autoencoders/{self.name}", spec, build,
-                                                 lambda found: {k.removeprefix("model/") for k in found
-                                                                if k.startswith("model/")} == expected)
-        model = Autoencoder(channels, self.structure)
+        expected = set(model.state_dict())
+        spec = {"defense": self.name, "data": context.digest(train), "channels": channels, "settings": self.settings()}
+        tensors, seconds = context.cached(f"autoencoders/{self.name}", spec, build,
+                                          lambda found: {k.removeprefix("model/") for k in found
+                                                         if k.startswith("model/")} == expected)
         model.load_state_dict({k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")})
-        return model.to(device).eval(), reused, tensors
+        return model.to(context.device).eval(), tensors["losses"], seconds
 
     def reconstruct(self, x: Tensor) -> Tensor:
         """The reformer: the autoencoder's reconstruction of a float batch in ``[0, 1]``."""
@@ -223,22 +216,11 @@ class MagNet(InputFilteringDefense):
             raise RuntimeError("the autoencoder is not trained yet; call run() or set autoencoder_model")
         return self.autoencoder_model(x)
 
-    @torch.no_grad()
-    def reconstruction_error(self, x: Tensor) -> Tensor:
-        """MagNet's detector score ``mean |x - ae(x)|^p`` of each image of a float batch."""
-        return (x - self.reconstruct(x)).abs().pow(self.norm).flatten(1).mean(1)
-
     def scores(self, context: RunServices, images: Tensor) -> Tensor:
-        device = next(self.autoencoder_model.parameters()).device
-        return torch.cat([self.reconstruction_error(to_float(images[start:start + 1024].to(device))).cpu()
-                          for start in range(0, len(images), 1024)])
+        return predict(ReconstructionError(self.autoencoder_model, self.norm), images)
 
     def run(self, context: RunServices) -> dict[str, Any]:
-        recipe = context.recipe
-        if recipe is None:
-            raise RuntimeError("MagNet trains its autoencoder with the run's recipe; the context has none")
-        self.autoencoder_model, _, tensors = self.autoencoder(context.data.train, recipe, context.cache,
-                                                              context.device)
+        self.autoencoder_model, losses, seconds = self.autoencoder(context)
         metrics = super().run(context)  # the detector, on the input-filtering protocol
         started = time.perf_counter()
         after = evaluate(context.trojan_model(), context.data.test, context.poisoned_test, context.attack.target_class,
@@ -247,6 +229,6 @@ class MagNet(InputFilteringDefense):
         count = len(context.data.test) + (len(context.poisoned_test) if context.poisoned_test is not None else 0)
         metrics.update(defense_effect(context.undefended, after))  # the reformer, as input reformation reports
         metrics["defense/reform_time_per_input_ms"] = 1000.0 * elapsed / count
-        metrics["defense/art_s"] = float(tensors["seconds"])
-        metrics["defense/ae_loss"] = float(tensors["losses"][-1])
+        metrics["defense/art_s"] = seconds
+        metrics["defense/ae_loss"] = float(losses[-1])
         return metrics

@@ -14,7 +14,7 @@ from bdlab.datasets.base import DatasetSplits, to_float
 from bdlab.defenses.base import check_held_out_share
 from bdlab.defenses.input_filtering.base import InputFilteringDefense
 from bdlab.errors import ConfigError, check_at_least
-from bdlab.evaluate import model_device
+from bdlab.evaluate import model_device, predict
 from bdlab.services import RunServices
 
 # forward passes per chunk when a batch expands into many blocked / stamped copies
@@ -59,15 +59,9 @@ def blocker_masks(size: tuple[int, int], blocks: Sequence[int], stride: int) -> 
     return torch.stack(masks), torch.tensor(sides)
 
 
-@torch.no_grad()
-def chunked_logits(model: nn.Module, x: Tensor) -> Tensor:
-    """Logits (float32) of ``model`` over a large float batch, in chunks of :data:`FORWARD_CHUNK`."""
-    return torch.cat([model(x[start:start + FORWARD_CHUNK]).float() for start in range(0, len(x), FORWARD_CHUNK)])
-
-
 def chunked_probabilities(model: nn.Module, x: Tensor) -> Tensor:
-    """Softmax of ``model`` over a large float batch, in chunks of :data:`FORWARD_CHUNK`."""
-    return torch.softmax(chunked_logits(model, x), 1)
+    """Softmax of ``model`` over a large float batch (on ``x``'s device), :data:`FORWARD_CHUNK` at a time."""
+    return torch.softmax(predict(model, x, batch_size=FORWARD_CHUNK).to(x.device), 1)
 
 
 def margin(logits: Tensor, label: Tensor) -> Tensor:
@@ -170,20 +164,19 @@ class NEO(InputFilteringDefense):
         pool_labels = held_out.labels[picks].to(device)
         masks, sides = blocker_masks(tuple(images.shape[2:]), self.sides(tuple(images.shape[2:])), self.stride)
         masks, sides = masks.to(device), sides.to(device)
-        out = [self._score_batch(model, to_float(images[start:start + self.batch_size].to(device)), masks, sides,
-                                 pool, pool_labels).cpu()
-               for start in range(0, len(images), self.batch_size)]
-        return torch.cat(out)
+        # each chunk of inputs expands into its blocked and stamped copies, which predict() runs in chunks
+        return torch.cat([self._score_batch(model, to_float(chunk.to(device)), masks, sides, pool, pool_labels).cpu()
+                          for chunk in images.split(self.batch_size)])
 
     def _score_batch(self, model: nn.Module, x: Tensor, masks: Tensor, sides: Tensor, pool: Tensor,
                      pool_labels: Tensor) -> Tensor:
         batch, positions = len(x), len(masks)
-        logits = chunked_logits(model, x)
+        logits = predict(model, x, batch_size=FORWARD_CHUNK).to(x.device)
         predicted = logits.argmax(1)
         original = torch.softmax(logits, 1).gather(1, predicted[:, None]).squeeze(1)
         colour = dominant_colours(x, self.clusters)[:, None, :, None, None]  # (B, 1, C, 1, 1)
         blocked = x[:, None] * (1 - masks[None]) + colour * masks[None]  # (B, M, C, H, W)
-        after = chunked_logits(model, blocked.flatten(0, 1)).view(batch, positions, -1)
+        after = predict(model, blocked.flatten(0, 1), batch_size=FORWARD_CHUNK).to(x.device).view(batch, positions, -1)
         label = predicted[:, None].expand(-1, positions)
         drop = original[:, None] - torch.softmax(after, 2).gather(2, label[..., None]).squeeze(2)
         # candidates are ranked by the drop of the logit margin: probabilities saturate, so every square

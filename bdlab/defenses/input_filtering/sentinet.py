@@ -11,7 +11,7 @@ from bdlab.datasets.base import DatasetSplits, to_float
 from bdlab.defenses.input_filtering.base import InputFilteringDefense
 from bdlab.defenses.input_filtering.neo import chunked_probabilities
 from bdlab.errors import ConfigError, check_at_least, check_range
-from bdlab.evaluate import model_device
+from bdlab.evaluate import model_device, predict
 from bdlab.models.classifier import Classifier
 from bdlab.services import RunServices
 
@@ -118,8 +118,7 @@ class SentiNet(InputFilteringDefense):
 
     def points(self, model: Classifier, x: Tensor, pool: Tensor, pool_labels: Tensor, inert: Tensor) -> Tensor:
         """``(B, 2)`` (inert confidence, fooled share) of a float batch ``x``."""
-        with torch.no_grad():
-            predicted = model(x).argmax(1)
+        predicted = predict(model, x).argmax(1).to(x.device)
         mask = self.masks(model, x, predicted)[:, None]  # (B, 1, 1, H, W)
         kept = pool[None] * (1 - mask)
         batch, count = len(x), len(pool)
@@ -133,9 +132,9 @@ class SentiNet(InputFilteringDefense):
     def all_points(self, model: Classifier, images: Tensor, pool: Tensor, pool_labels: Tensor,
                    inert: Tensor) -> Tensor:
         device = model_device(model)
-        return torch.cat([self.points(model, to_float(images[start:start + self.batch_size].to(device)), pool,
-                                      pool_labels, inert).cpu()
-                          for start in range(0, len(images), self.batch_size)])
+        # not one predict(): each chunk needs its Grad-CAM masks (gradients) before its pasted copies run
+        return torch.cat([self.points(model, to_float(chunk.to(device)), pool, pool_labels, inert).cpu()
+                          for chunk in images.split(self.batch_size)])
 
     def scores(self, context: RunServices, images: Tensor) -> Tensor:
         model = context.trojan_model().eval()

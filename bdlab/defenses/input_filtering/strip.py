@@ -10,19 +10,21 @@ from bdlab.datasets.base import DatasetSplits, to_float
 from bdlab.defenses.base import check_held_out_share
 from bdlab.defenses.input_filtering.base import InputFilteringDefense
 from bdlab.errors import ConfigError, check_range
-from bdlab.evaluate import model_device
+from bdlab.evaluate import predict
 from bdlab.services import RunServices
 
 
-def mean_mixture_entropy(model: torch.nn.Module, x: Tensor, overlays: Tensor, alpha: float) -> Tensor:
-    """Gao et al.'s normalised entropy ``H = (1/N) sum_n H(f(x (+) x_n))`` for a float batch ``x``
-    ``(B, C, H, W)`` and its overlays ``(B, N, C, H, W)``; the superimposition is TrojanZoo's
-    ``x + alpha (x_n - x)``. Entropies in nats."""
-    batch, count = overlays.shape[:2]
-    mixed = x[:, None] + alpha * (overlays - x[:, None])
-    probabilities = torch.softmax(model(mixed.flatten(0, 1)).double(), 1)
-    entropy = -(probabilities * probabilities.clamp_min(1e-12).log()).sum(1)
-    return entropy.view(batch, count).mean(1)
+def mixtures(x: Tensor, overlays: Tensor, alpha: float) -> Tensor:
+    """TrojanZoo's superimposition ``x + alpha (x_n - x)`` of a float batch ``x`` ``(B, C, H, W)`` with its
+    overlays ``(B, N, C, H, W)``, flattened to ``(B N, C, H, W)``."""
+    return (x[:, None] + alpha * (overlays - x[:, None])).flatten(0, 1)
+
+
+def mean_entropy(logits: Tensor) -> Tensor:
+    """Gao et al.'s normalised entropy ``H = (1/N) sum_n H(f(x (+) x_n))`` from the logits ``(B, N, K)`` of
+    each input's ``N`` mixtures, in nats (the entropy of each mixture's prediction, then the mean)."""
+    probabilities = torch.softmax(logits.double(), -1)
+    return -(probabilities * probabilities.clamp_min(1e-12).log()).sum(-1).mean(1)
 
 
 class STRIP(InputFilteringDefense):
@@ -59,17 +61,13 @@ class STRIP(InputFilteringDefense):
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
         check_held_out_share("defense.num_overlays", self.num_overlays, data)
 
-    @torch.inference_mode()
     def scores(self, context: RunServices, images: Tensor) -> Tensor:
-        model = context.trojan_model().eval()
-        device = model_device(model)
         pool = context.data.defense.images
         generator = torch.Generator().manual_seed(self.seed)
-        out = []
-        for start in range(0, len(images), self.batch_size):
-            x = to_float(images[start:start + self.batch_size].to(device))
-            # N distinct overlay images per input, drawn from the held-out clean split
+
+        def mix(x: Tensor) -> Tensor:  # N distinct overlay images per input, drawn from the held-out clean split
             picks = torch.rand(len(x), len(pool), generator=generator).argsort(1)[:, :self.num_overlays]
-            overlays = to_float(pool[picks].to(device))
-            out.append(-mean_mixture_entropy(model, x, overlays, self.alpha).float().cpu())
-        return torch.cat(out)
+            return mixtures(x, to_float(pool[picks].to(x.device)), self.alpha)
+
+        logits = predict(context.trojan_model(), images, transform=mix, batch_size=self.batch_size)
+        return -mean_entropy(logits.view(len(images), self.num_overlays, -1)).float()

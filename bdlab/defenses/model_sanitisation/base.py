@@ -79,9 +79,7 @@ class ModelSanitization(Defense):
         metrics.update({f"defense/{k.removeprefix('report/')}": float(v) for k, v in tensors.items()
                         if k.startswith("report/")})
         if context.poisoned_test is not None:
-            sources = context.data.test.images[context.poisoned_test.sources]
-            metrics["defense/nsr"] = NSRSettings.from_config(context.cfg).measure(model, sources,
-                                                                                  context.poisoned_test.images)
+            metrics["defense/nsr"] = NSRSettings.from_config(context.cfg).measure(model, context)
         metrics.update(self.compare(context, context.trojan_model(), model))
         return metrics
 

@@ -9,10 +9,10 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from bdlab.attacks.base import Attack
-from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
+from bdlab.datasets.base import DatasetSplits, ImageSet
 from bdlab.defenses.model_sanitisation.base import ModelSanitization, fine_tune
 from bdlab.errors import ConfigError, check_at_least, check_range
-from bdlab.metrics import percent
+from bdlab.evaluate import evaluate, predict
 from bdlab.models.classifier import Classifier
 from bdlab.services import RunServices
 from bdlab.training.augment import TrainAugment
@@ -26,18 +26,9 @@ def last_convolution(model: Classifier) -> str:
     return names[-1]
 
 
-@torch.no_grad()
-def channel_activity(model: Classifier, images: Tensor, layer: str, batch: int = 500) -> Tensor:
+def channel_activity(model: Classifier, images: Tensor, layer: str) -> Tensor:
     """``(C,)`` mean activation of each output channel of ``layer`` over uint8 ``images``."""
-    sums = [model.features(to_float(images[start:start + batch]), layer).transpose(0, 1).flatten(1).mean(1)
-            * min(batch, len(images) - start) for start in range(0, len(images), batch)]
-    return torch.stack(sums).sum(0) / len(images)
-
-
-@torch.no_grad()
-def held_out_accuracy(model: Classifier, data: ImageSet, batch: int = 500) -> float:
-    return percent(torch.cat([model(to_float(data.images[s:s + batch])).argmax(1) == data.labels[s:s + batch]
-                              for s in range(0, len(data), batch)]))
+    return predict(model, images, layers=layer).transpose(0, 1).flatten(1).mean(1)
 
 
 def channel_mask(conv: nn.Conv2d, pruned: Tensor) -> dict[str, Tensor]:
@@ -110,9 +101,9 @@ class FinePruning(ModelSanitization):
         conv = dict(model.net.named_modules())[layer]
         model.eval()
         order = channel_activity(model, held_out.images, layer).argsort()
-        floor = held_out_accuracy(model, held_out) - self.max_acc_drop
+        pruned, accuracy = 0, evaluate(model, held_out, None, 0).acc  # the held-out ACC (no poisoned set, no target)
+        floor = accuracy - self.max_acc_drop
         limit = int(self.max_prune_ratio / 100 * conv.out_channels)
-        pruned, accuracy = 0, held_out_accuracy(model, held_out)
         original = {name: getattr(conv, name).detach().clone() for name in ("weight", "bias")
                     if getattr(conv, name) is not None}
         # one channel more at a time on a scratch copy of the weights; Liu et al.'s sequential search
@@ -121,7 +112,7 @@ class FinePruning(ModelSanitization):
             with torch.no_grad():
                 for name, value in original.items():
                     getattr(conv, name).copy_(value * masks[name])
-            trial = held_out_accuracy(model, held_out)
+            trial = evaluate(model, held_out, None, 0).acc
             if trial < floor:
                 break
             pruned, accuracy = count, trial
@@ -134,9 +125,7 @@ class FinePruning(ModelSanitization):
 
     def sanitize(self, model: Classifier, context: RunServices) -> dict[str, Any]:
         held_out = context.data.defense
-        model.to(context.device)
-        conv, pruned, accuracy = self.prune(model, ImageSet(held_out.images.to(context.device),
-                                                            held_out.labels.to(context.device)))
+        conv, pruned, accuracy = self.prune(model.to(context.device), held_out)
         if self.epochs > 0:
             augment = TrainAugment(context.data.crop_padding, context.data.hflip)
             fine_tune(model, held_out, context.recipe, self.epochs, self.lr, augment, self.seed, "fine_pruning")
