@@ -60,12 +60,6 @@ def predict(model: nn.Module, images: Tensor, layers: str | Sequence[str] | None
     return torch.cat([c.float().cpu() for c in chunks]) if chunks else torch.empty(0, 0)
 
 
-def predict_logits(model: nn.Module, images: Tensor, transform: Transform | None = None,
-                   batch_size: int = EVAL_BATCH) -> Tensor:
-    """Logits (float32, CPU) of ``model`` on ``images``, optionally through a batched ``transform``."""
-    return predict(model, images, transform=transform, batch_size=batch_size)  # type: ignore[return-value]
-
-
 @dataclass(frozen=True)
 class Evaluation:
     """What :func:`evaluate` measured; a metric whose inputs were not given is NaN (not applicable).
@@ -98,11 +92,11 @@ def evaluate(model: nn.Module, clean: ImageSet | None, poisoned: ImageSet | None
     ``transform`` (a batched function of float images in ``[0, 1]``) when one is given."""
     values: dict[str, object] = {}
     if clean is not None:
-        logits = predict_logits(model, clean.images, transform, batch_size)
+        logits = predict(model, clean.images, transform=transform, batch_size=batch_size)
         values.update(acc=accuracy(logits, clean.labels), ccc=true_class_confidence(logits, clean.labels),
                       clean_logits=logits)
     if poisoned is not None:
-        logits = predict_logits(model, poisoned.images, transform, batch_size)
+        logits = predict(model, poisoned.images, transform=transform, batch_size=batch_size)
         values.update(asr=attack_success_rate(logits, target_class), tmc=target_confidence(logits, target_class),
                       poisoned_logits=logits)
     return Evaluation(**values)  # type: ignore[arg-type]

@@ -49,6 +49,10 @@ BAD_INPUT = [
     (["attack.poison_rate=0"], "attack.poison_rate", "(0"),
     (["attack.target_class=12"], "attack.target_class", "got 12"),
     (["trainer.max_epochs=-1"], "trainer.max_epochs", "no limit"),
+    (["defense=shrinkpad", "defense.size=16"], "defense.size", "got 16"),
+    (["attack=refool", "defense=strip", "defense.fpr=1.5"], "defense.fpr", "got 1.5"),
+    (["defense=hardening", "defense.pairs=100000", "defense.distance_images=10"], "defense.pairs", "100000"),
+    (["defense=hardening", "defense.distance_images=100000"], "defense.distance_images", "100000"),
     (["+attack.nosuch=1"], "attack.nosuch", "no such field"),
     (["dataset.nosuch=1"], "dataset.nosuch", "+dataset.nosuch=1"),
     # unknown options: the line lists the valid ones

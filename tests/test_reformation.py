@@ -13,7 +13,6 @@ from bdlab.errors import ConfigError
 from bdlab.pipeline import execute, prepare
 from bdlab.run import run_names
 from tests.conftest import TINY_RUN, make_splits
-from tests.test_run import bdlab_run
 from tests.test_transforms import shared_cache
 
 DEFENSES = ["flip", "shrinkpad", "gaussian_noise", "color_jitter", "randomized_smoothing", "down_upsample"]
@@ -79,13 +78,6 @@ def test_bad_values_are_refused_before_training(overrides: list[str], field: str
     with pytest.raises(ConfigError) as info:
         prepare(compose_config([*TINY_RUN, *overrides]))
     assert str(info.value).startswith(field)
-
-
-def test_bad_shrink_exits_2_with_one_line(tmp_path: Path) -> None:
-    result = bdlab_run(tmp_path, "defense=shrinkpad", "defense.size=16")
-    assert result.returncode == 2 and "defense.size" in result.stderr
-    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1
-    assert not (tmp_path / "run" / "results.json").exists()
 
 
 @pytest.mark.parametrize("option", DEFENSES)

@@ -6,7 +6,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -18,7 +17,7 @@ from bdlab.defenses.input_reformation.base import InputReformation
 from bdlab.errors import ConfigError, check_at_least, check_range
 from bdlab.evaluate import defense_effect, evaluate, predict
 from bdlab.services import RunServices
-from bdlab.training.loader import TensorBatches
+from bdlab.training.loader import BatchedModule, TensorBatches
 
 POOLS = ("average", "max")
 
@@ -57,14 +56,14 @@ class Autoencoder(nn.Module):
         return self.net(x)
 
 
-class AutoencoderModule(pl.LightningModule):
+class AutoencoderModule(BatchedModule):
     """Denoising training of the autoencoder (Meng & Chen §5.1): the input carries Gaussian noise of std
     ``noise`` (clipped to ``[0, 1]``) and the loss is the MSE to the clean image. Adam at ``lr`` (MagNet's
     Keras default, 1e-3). Keeps each epoch's mean loss in ``epoch_losses``."""
 
     def __init__(self, autoencoder: Autoencoder, batches: TensorBatches, noise: float, lr: float) -> None:
-        super().__init__()
-        self.autoencoder, self.batches, self.noise, self.lr = autoencoder, batches, noise, lr
+        super().__init__(batches)
+        self.autoencoder, self.noise, self.lr = autoencoder, noise, lr
         self.epoch_losses: list[float] = []
 
     def training_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> Tensor:
@@ -85,10 +84,6 @@ class AutoencoderModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.autoencoder.parameters(), lr=self.lr)
-
-    def train_dataloader(self) -> TensorBatches:
-        self.batches.shard(self.global_rank, self.trainer.world_size)
-        return self.batches
 
 
 class ReconstructionError(nn.Module):
