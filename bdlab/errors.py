@@ -114,7 +114,8 @@ def check_fields(node: Any, path: str, target: Any = None, given: Any = ()) -> N
             continue
         if fits(taken.get(key), value) is False:
             raise ConfigError(prefix + key, f"got {value!r}, must be {describe(taken[key])}")
-        check_fields(value, prefix + key)
+        if node.get("_recursive_", True):  # a node that builds its children itself checks them when it does
+            check_fields(value, prefix + key)
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -11,8 +11,15 @@ from torch import Tensor, nn
 
 from bdlab.attacks import BadNets, Targeted
 from bdlab.compose import compose_config
-from bdlab.defenses.model_inspection.base import anomaly_index, count_pixels, flagged_classes, mask_jaccard, median
-from bdlab.defenses.model_inspection.neural_cleanse import NeuralCleanse
+from bdlab.defenses.model_inspection.base import (
+    InspectionResult,
+    anomaly_index,
+    count_pixels,
+    flagged_classes,
+    inspection_metrics,
+    mask_jaccard,
+    median,
+)
 from bdlab.errors import ConfigError
 from bdlab.inversion.engine import InversionEngine, InversionMethod, Schedule, Trigger
 from bdlab.inversion.methods import CWL0Trigger, NeuralCleanseTrigger, PixelTrigger, UAPTrigger
@@ -67,16 +74,35 @@ def test_pixels_counts_positions_changed_by_a_level_in_any_channel() -> None:
 
 def test_mjs_is_not_applicable_for_a_trigger_without_a_fixed_mask() -> None:
     data = make_splits(torch.zeros(40, 1, 8, 8, dtype=torch.uint8), torch.arange(40) % 4, 4)
-    inspector = NeuralCleanse(epochs=1, optimisation_images=20, evaluation_images=20)
     targeted = Targeted(patch_size=2)
     targeted.setup(data)
     trigger = Trigger(torch.rand(4, 1, 8, 8), torch.rand(4, 1, 8, 8), torch.zeros(4, 1, 8, 8))
-    inspection = type("I", (), {"result": type("R", (), {"trigger": trigger, "loss": torch.zeros(4)})(),
-                                "aiv": torch.zeros(4), "flagged": [], "holdout_success": torch.zeros(4)})()
-    assert math.isnan(inspector.target_metrics(inspection, targeted)["defense/mjs"])
+    inspection = InspectionResult(torch.ones(4), "low", torch.zeros(4), [], 1.0, trigger, torch.zeros(4),
+                                  {"loss": torch.tensor([0.5, 0.0, 0.0, 0.0])})
+    assert math.isnan(inspection_metrics(inspection, "defense/", targeted)["defense/mjs"])
     badnets = BadNets(patch_size=2)
     badnets.setup(data)
-    assert not math.isnan(inspector.target_metrics(inspection, badnets)["defense/mjs"])
+    metrics = inspection_metrics(inspection, "defense/", badnets)
+    assert not math.isnan(metrics["defense/mjs"]) and metrics["defense/trigger_loss"] == 0.5  # BadNets' target 0
+
+
+def test_largest_aiv_is_taken_on_the_suspicious_side_only() -> None:
+    scores = torch.tensor([1.0, 5.0, 5.0, 5.2, 4.8, 40.0])  # class 0 far below the median, class 5 farther above
+    aiv = anomaly_index(scores)
+    for side, expected in (("low", aiv[0]), ("high", aiv[5]), ("both", aiv[5])):
+        result = InspectionResult(scores, side, aiv, flagged_classes(scores, 2.0, side), 1.0)
+        metrics = inspection_metrics(result, "defense/clean_")
+        assert metrics["defense/clean_aiv_max"] == pytest.approx(float(expected))
+        assert "defense/aiv_target" not in metrics and "defense/clean_per_class/pixels" not in metrics
+    assert flagged_classes(scores, 2.0, "low") == [0] and flagged_classes(scores, 2.0, "both") == [0, 5]
+
+
+def test_without_an_attack_every_target_metric_is_not_applicable() -> None:
+    from bdlab.attacks.base import NoAttack
+
+    result = InspectionResult(torch.ones(3), "low", torch.zeros(3), [], 1.0)
+    metrics = inspection_metrics(result, "defense/", NoAttack())
+    assert all(math.isnan(metrics[f"defense/{key}"]) for key in ("aiv_target", "mln", "trigger_asr", "trigger_loss"))
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -250,6 +276,8 @@ def test_inspection_protocol_end_to_end_on_the_tiny_run(tmp_path: Path, tmp_path
     assert metrics["defense/aiv_target"] == pytest.approx(metrics["defense/per_class/aiv"][0])
     assert metrics["defense/target_flagged"] == float(0 in metrics["defense/flagged_classes"])
     assert 0.0 <= metrics["defense/mjs"] <= 1.0 and metrics["defense/art_s"] > 0
+    assert metrics["defense/per_class/score"] == metrics["defense/per_class/size"]  # the mask's L1 norm
+    assert metrics["defense/trigger_loss"] == metrics["defense/per_class/loss"][0]
     assert (tmp_path / "run" / "inspection_trojan.png").is_file()
     assert list((shared_cache(tmp_path_factory) / "inspection" / "neural_cleanse").glob("*/tensors.safetensors"))
 
@@ -265,10 +293,13 @@ def test_inspection_protocol_end_to_end_on_the_tiny_run(tmp_path: Path, tmp_path
     (["defense=neural_cleanse", "defense.init_weight=-1"], "defense.init_weight"),
     (["defense=pixel", "defense.init_weight=-0.1"], "defense.init_weight"),
     (["defense=pixel", "defense.gamma=0"], "defense.gamma"),
-    (["defense=tabor", "defense.weights=[1,2]"], "defense.tabor_weights"),
+    (["defense=tabor", "defense.weights=[1,2]"], "defense.weights"),
     (["defense=k_arm", "defense.candidates=0"], "defense.candidates"),
+    (["defense=k_arm", "defense.candidates=11"], "defense.candidates"),
 ])
 def test_bad_inspection_values_are_refused_before_training(overrides: list[str], field: str) -> None:
     with pytest.raises(ConfigError) as info:
         prepare(compose_config([*TINY_RUN, *overrides]))
     assert info.value.field == field and "\n" not in str(info.value)
+    if "defense.candidates=11" in overrides:
+        assert "at most 10" in str(info.value)

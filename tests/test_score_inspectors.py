@@ -3,6 +3,7 @@ is removed, and refuses bad settings before anything is trained."""
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -11,17 +12,19 @@ import torch
 from torch import Tensor, nn
 
 from bdlab.attacks import BadNets
+from bdlab.attacks.base import NoAttack
 from bdlab.compose import compose_config
-from bdlab.datasets.base import ImageSet
+from bdlab.datasets.base import DatasetSplits, ImageSet
 from bdlab.defenses.model_inspection.abs import ABS, class_margins, stimulate
+from bdlab.defenses.model_inspection.base import InspectionResult, ModelInspection, flagged_classes, inspection_metrics
 from bdlab.defenses.model_inspection.deep_inspect import DeepInspect
 from bdlab.defenses.model_inspection.df_tnd import DFTND
 from bdlab.defenses.model_inspection.neuron_inspect import NeuronInspect, explanation_features
-from bdlab.defenses.model_inspection.scores import flagged_by_score
 from bdlab.errors import ConfigError
 from bdlab.models.classifier import Classifier
 from bdlab.pipeline import execute, prepare
-from tests.conftest import TINY_RUN, make_splits
+from bdlab.training.recipe import TrainingRecipe
+from tests.conftest import TINY_RUN, make_services, make_splits
 
 CLASSES, TARGET, TRIGGER = 6, 1, 63  # the trigger: the bottom-right pixel of an 8x8 image, set to white
 
@@ -77,6 +80,16 @@ def splits():
     return make_splits(data.images, data.labels, CLASSES)
 
 
+def inspect(inspector: ModelInspection, model: nn.Module, cache: Path, data: DatasetSplits | None = None,
+            ) -> InspectionResult:
+    """``inspector`` on ``model`` through run services around it (a CPU recipe for helper networks)."""
+    data = data or splits()
+    services = make_services(data, NoAttack(), model, cache)
+    services.recipe = TrainingRecipe(0, 32, 1, functools.partial(torch.optim.Adam), None,
+                                     {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False})
+    return inspector.inspect(model, data, services)
+
+
 def test_the_planted_model_is_accurate_and_its_trigger_works() -> None:
     model, data = planted(), rows()
     x = data.images.float() / 255
@@ -89,9 +102,9 @@ def test_the_planted_model_is_accurate_and_its_trigger_works() -> None:
 
 def test_flags_follow_the_suspicious_side() -> None:
     scores = torch.tensor([1.0, 1.1, 0.9, 1.0, 9.0, -7.0])
-    assert flagged_by_score(scores, 2.0, "high") == [4]
-    assert flagged_by_score(scores, 2.0, "low") == [5]
-    assert flagged_by_score(scores, 2.0, "both") == [4, 5]
+    assert flagged_classes(scores, 2.0, "high") == [4]
+    assert flagged_classes(scores, 2.0, "low") == [5]
+    assert flagged_classes(scores, 2.0, "both") == [4, 5]
 
 
 # ----------------------------------------------------------------------------- ABS
@@ -109,38 +122,38 @@ def test_stimulating_the_backdoor_neuron_lifts_the_target_most() -> None:
     assert margins[CLASSES, 0] < 0  # and it lifts no other class
 
 
-def test_abs_flags_the_target_by_reasr_and_not_once_the_backdoor_is_gone() -> None:
+def test_abs_flags_the_target_by_reasr_and_not_once_the_backdoor_is_gone(tmp_path: Path) -> None:
     # the hidden layer: stimulating the 1-channel convolution whitens the whole image, trigger included
     abs_ = ABS(layers=["hidden"], seed_images=36, candidates=1, steps=60, lr=0.3, max_size=2.0, size_weight=1.0,
                optimisation_images=120, evaluation_images=100)
-    trojan = abs_.inspect(planted(), splits())
+    trojan = inspect(abs_, planted(), tmp_path)
     assert trojan.scores[TARGET] > 90 and trojan.scores[[k for k in range(CLASSES) if k != TARGET]].max() < 10
     assert trojan.flagged == [TARGET] and trojan.success[TARGET] > 90
     assert trojan.trigger.footprint[TARGET, 0].flatten().argmax().item() == TRIGGER
-    clean = abs_.inspect(planted(False), splits())
+    clean = inspect(abs_, planted(False), tmp_path)
     assert clean.scores[TARGET] < 10 and clean.flagged == []
 
 
-def test_abs_flags_only_classes_whose_reasr_reaches_the_bound() -> None:
+def test_abs_flags_only_classes_whose_reasr_reaches_the_bound(tmp_path: Path) -> None:
     abs_ = ABS(optimisation_images=40, evaluation_images=20)
     reasr = torch.tensor([0.0, 0.0, 0.0, 2.0, 0.0, 0.0])  # a MAD of 0: the 2% class has an infinite AIV
-    abs_.compute = lambda *args, **kwargs: {"score": reasr, "seconds": torch.tensor(0.0)}
-    assert abs_.inspect(planted(), splits()).flagged == []
+    abs_.score = lambda *args, **kwargs: {"score": reasr}
+    assert inspect(abs_, planted(), tmp_path).flagged == []
     abs_.min_reasr = 0.0
-    assert abs_.inspect(planted(), splits()).flagged == [3]
+    assert inspect(abs_, planted(), tmp_path).flagged == [3]
 
 
 # ----------------------------------------------------------------------------- DF-TND
 
 
-def test_df_tnd_finds_the_target_from_noise_and_not_once_the_backdoor_is_gone() -> None:
+def test_df_tnd_finds_the_target_from_noise_and_not_once_the_backdoor_is_gone(tmp_path: Path) -> None:
     df_tnd = DFTND(seed_count=16, steps=60, lr=0.05, optimisation_images=40, evaluation_images=40)
-    trojan = df_tnd.inspect(planted(), splits())
+    trojan = inspect(df_tnd, planted(), tmp_path)
     others = trojan.scores[[k for k in range(CLASSES) if k != TARGET]]
     assert trojan.scores[TARGET] > 2 * others.max() and trojan.flagged == [TARGET]
     assert trojan.trigger.delta[TARGET, 0, 7, 7] > 0.8  # the trigger pixel (besides the target's row)
     assert trojan.trigger.delta[[k for k in range(CLASSES) if k != TARGET], 0, 7, 7].abs().max() < 0.1
-    clean = df_tnd.inspect(planted(False), splits())
+    clean = inspect(df_tnd, planted(False), tmp_path)
     assert clean.scores[TARGET] < trojan.scores[TARGET] / 2 and TARGET not in clean.flagged
 
 
@@ -150,12 +163,15 @@ def test_df_tnd_finds_the_target_from_noise_and_not_once_the_backdoor_is_gone() 
 def test_deep_inspect_needs_a_smaller_perturbation_for_the_target(tmp_path: Path) -> None:
     deep_inspect = DeepInspect(noise_dim=8, width=8, epochs=30, batch_size=30, lr=0.05, gamma=0.1, samples=1,
                                zero_start=True, optimisation_images=120, evaluation_images=60)
-    trojan = deep_inspect.inspect(planted(), splits())
+    model = planted()  # (its layers' default init draws from the global RNG)
+    state = torch.random.get_rng_state()
+    trojan = inspect(deep_inspect, model, tmp_path)
+    assert torch.equal(torch.random.get_rng_state(), state)  # seeded under forked RNGs: the run's is untouched
     others = trojan.scores[[k for k in range(CLASSES) if k != TARGET]]
     # the benign classes cluster tightly, so one of them may pass AIV 2 too; the target stands out most
     assert trojan.scores[TARGET] < others.min() / 2 and TARGET in trojan.flagged
     assert trojan.aiv[TARGET] == trojan.aiv.max() and trojan.extras["generated_asr"][TARGET] > 80
-    clean = deep_inspect.inspect(planted(False), splits())
+    clean = inspect(deep_inspect, planted(False), tmp_path)
     assert clean.scores[TARGET] > 2 * trojan.scores[TARGET] and TARGET not in clean.flagged
     assert clean.extras["generated_asr"][TARGET] > 80  # reached, not given up on
 
@@ -175,24 +191,24 @@ def test_explanation_features_on_hand_built_maps() -> None:
     assert explanation_features(moving, 4 / 64)[2].item() == pytest.approx(0.25)
 
 
-def test_neuron_inspect_singles_out_the_target_and_not_once_the_backdoor_is_gone() -> None:
+def test_neuron_inspect_singles_out_the_target_and_not_once_the_backdoor_is_gone(tmp_path: Path) -> None:
     neuron_inspect = NeuronInspect(optimisation_images=60)
-    trojan = neuron_inspect.inspect(planted(), splits())
+    trojan = inspect(neuron_inspect, planted(), tmp_path)
     assert trojan.flagged == [TARGET] and trojan.extras["sparsity"][TARGET] < trojan.extras["sparsity"][0]
-    assert NeuronInspect(side="low", optimisation_images=60).inspect(planted(), splits()).flagged == []
-    clean = neuron_inspect.inspect(planted(False), splits())
+    assert inspect(NeuronInspect(side="low", optimisation_images=60), planted(), tmp_path / "low").flagged == []
+    clean = inspect(neuron_inspect, planted(False), tmp_path)
     assert clean.flagged == [] and clean.aiv[TARGET] < 2
 
 
-def test_target_metrics_carry_the_trigger_or_read_not_applicable() -> None:
+def test_target_metrics_carry_the_trigger_or_read_not_applicable(tmp_path: Path) -> None:
     data = splits()
     badnets = BadNets(patch_size=1, target_class=TARGET)
     badnets.setup(data)
     df_tnd = DFTND(seed_count=8, steps=5, optimisation_images=20, evaluation_images=20)
-    metrics = df_tnd.target_metrics(df_tnd.inspect(planted(), data), badnets)
+    metrics = inspection_metrics(inspect(df_tnd, planted(), tmp_path, data), "defense/", badnets)
     assert not math.isnan(metrics["defense/pixels"]) and not math.isnan(metrics["defense/trigger_asr"])
     neuron = NeuronInspect(optimisation_images=20)
-    metrics = neuron.target_metrics(neuron.inspect(planted(), data), badnets)
+    metrics = inspection_metrics(inspect(neuron, planted(), tmp_path, data), "defense/", badnets)
     assert metrics["defense/target_flagged"] in (0.0, 1.0) and math.isnan(metrics["defense/mln"])
 
 
@@ -246,3 +262,47 @@ def test_df_tnd_runs_end_to_end_on_the_tiny_run(tmp_path: Path, tmp_path_factory
     assert metrics["defense/art_s"] > 0 and (tmp_path / "run" / "inspection_trojan.png").is_file()
     again = execute(prepare(cfg), tmp_path / "again", [])["metrics"]
     assert again["defense/per_class/score"] == metrics["defense/per_class/score"]  # read from the cache
+
+
+# ----------------------------------------------------------------------------- unlearning with any recovered trigger
+
+
+@pytest.mark.parametrize("name", ["df_tnd", "neuron_inspect"])
+def test_unlearning_refuses_inspectors_that_recover_no_trigger(name: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        prepare(compose_config([*TINY_RUN, "defense=unlearning", f"defense.inspector={name}"]))
+    assert info.value.field == "defense.inspector" and "\n" not in str(info.value)
+
+
+def test_unlearning_takes_a_trigger_recovering_inspector_by_its_option_name() -> None:
+    from bdlab.defenses.model_inspection.k_arm import KArm
+    from bdlab.errors import build
+
+    for name, cls in (("abs", ABS), ("deep_inspect", DeepInspect), ("k_arm", KArm)):
+        cfg = compose_config([*TINY_RUN, "defense=unlearning", f"defense.inspector={name}", "seed=3"])
+        defense = build(cfg.defense)
+        assert type(defense.inspector) is cls and defense.inspector.seed == 3
+    cfg = compose_config([*TINY_RUN, "defense=unlearning", "defense@defense.inspector=abs",
+                          "defense.inspector.steps=7"])
+    assert build(cfg.defense).inspector.steps == 7
+    with pytest.raises(ConfigError) as info:  # the inspector's own model checks run before training
+        prepare(compose_config([*TINY_RUN, "defense=unlearning", "defense@defense.inspector=abs",
+                                "defense.inspector.layers=[conv9]", "dataset.defense_fraction=0.4",
+                                "defense.inspector.optimisation_images=60", "defense.inspector.evaluation_images=20"]))
+    assert info.value.field == "defense.layers"
+
+
+def test_unlearning_unlearns_the_trigger_abs_recovers(tmp_path: Path) -> None:
+    from bdlab.defenses.model_sanitisation.unlearning import Unlearning
+
+    abs_ = ABS(layers=["hidden"], seed_images=36, candidates=1, steps=60, lr=0.3, max_size=2.0, size_weight=1.0,
+               optimisation_images=120, evaluation_images=100)
+    data, model = splits(), planted()
+    services = make_services(data, NoAttack(), model, tmp_path)
+    services.recipe = TrainingRecipe(0, 32, 1, functools.partial(torch.optim.Adam), None,
+                                     {"accelerator": "cpu", "devices": 1, "enable_progress_bar": False})
+    unlearning = Unlearning(abs_, share=0.5, epochs=1, lr=0.01)
+    trigger = abs_.inspect(model, data, services, services.trojan_key()).trigger  # what sanitize reads, cached
+    stamped = unlearning.stamped(data.defense, trigger, [TARGET])
+    assert (stamped.images[:, 0, 7, 7] > 240).sum() >= 0.5 * len(data.defense)  # the recovered trigger pixel
+    assert unlearning.sanitize(model, services) == {"unlearnt_classes": 1}

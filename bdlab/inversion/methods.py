@@ -88,7 +88,7 @@ class TaborTrigger(NeuralCleanseTrigger):
 
     def __init__(self, weights: Sequence[float] = (1e-6, 1e-5, 1e-7, 1e-8, 0.0, 1e-2)) -> None:
         if len(weights) != 6 or any(not w >= 0 for w in weights):
-            raise ConfigError("defense.tabor_weights", f"got {list(weights)}, give six weights >= 0 (l1 ... l6)")
+            raise ConfigError("defense.weights", f"got {list(weights)}, give six weights >= 0 (l1 ... l6)")
         self.weights = [float(w) for w in weights]
 
     def fixed_terms(self, model: nn.Module, variables: Variables, index: Sequence[int], x: Tensor,

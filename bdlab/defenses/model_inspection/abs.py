@@ -7,13 +7,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from bdlab.cache import ArtifactCache
-from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
-from bdlab.defenses.model_inspection.scores import ScoreInspection, ScoreInspectionResult
+from bdlab.datasets.base import ImageSet, to_float
+from bdlab.defenses.model_inspection.base import ModelInspection, holdout_success
 from bdlab.defenses.model_sanitisation.fine_pruning import last_convolution
 from bdlab.errors import ConfigError, check_at_least, check_range
 from bdlab.evaluate import model_device
+from bdlab.inversion.engine import Trigger
 from bdlab.models.classifier import Classifier
+from bdlab.services import RunServices
 
 # the modules whose channel count is known before a forward pass, so "candidates > channels" fails early
 CHANNELLED = (nn.Conv2d, nn.Linear, nn.BatchNorm2d)
@@ -76,7 +77,7 @@ def class_margins(logits: Tensor, labels: Tensor, consistency: float) -> Tensor:
     return margins
 
 
-class ABS(ScoreInspection):
+class ABS(ModelInspection):
     """ABS, Artificial Brain Stimulation (Liu et al., "ABS: Scanning Neural Networks for Back-doors by
     Artificial Brain Stimulation", CCS 2019; TrojanZoo's "Abs", Table 21 settings where they apply).
 
@@ -126,7 +127,8 @@ class ABS(ScoreInspection):
             layer's peak (default 0.015); x2 above 1.2 x ``max_size``, x0.01 below ``max_size``.
         others_weight: weight of the other neurons' activation (default 1e-4).
         min_reasr: REASR (%) a class needs to be flagged, besides its AIV (default 50).
-        optimisation_images, evaluation_images, aiv_threshold, seed: as :class:`ScoreInspection`
+        optimisation_images, evaluation_images, aiv_threshold, seed: as
+            :class:`~bdlab.defenses.model_inspection.base.ModelInspection`
             (defaults 200, 200, 2).
     """
 
@@ -164,11 +166,8 @@ class ABS(ScoreInspection):
                 "consistency": self.consistency, "candidates": self.candidates, "steps": self.steps, "lr": self.lr,
                 "max_size": self.max_size, "size_weight": self.size_weight, "others_weight": self.others_weight}
 
-    def inspect(self, model: nn.Module, data: DatasetSplits, cache: ArtifactCache | None = None,
-                model_key: str | None = None) -> ScoreInspectionResult:
-        result = super().inspect(model, data, cache, model_key)
-        result.flagged = [k for k in result.flagged if result.scores[k] >= self.min_reasr]
-        return result
+    def flag(self, scores: Tensor) -> list[int]:
+        return [k for k in super().flag(scores) if scores[k] >= self.min_reasr]
 
     def layers_of(self, model: Classifier) -> list[str]:
         """The named layers, or by default the last convolution and every linear layer after it but the head."""
@@ -199,7 +198,7 @@ class ABS(ScoreInspection):
                 raise ConfigError("defense.candidates", f"got {self.candidates}, but layer {layer!r} has "
                                   f"{channel_count(module)} neurons; lower it")
 
-    def score(self, model: nn.Module, images: ImageSet, num_classes: int) -> dict[str, Tensor]:
+    def score(self, model: nn.Module, images: ImageSet, num_classes: int, services: RunServices) -> dict[str, Tensor]:
         model.eval()
         device = model_device(model)
         seeds = to_float(images.images[:self.seed_images].to(device))
@@ -232,8 +231,8 @@ class ABS(ScoreInspection):
             masks[classes, slots], patterns[classes, slots] = mask, pattern
         rest = ImageSet(images.images[self.seed_images:], images.labels[self.seed_images:])
         labels = torch.arange(num_classes).repeat_interleave(self.candidates)
-        reasr = self.reasr(model, masks.flatten(0, 1), patterns.flatten(0, 1), labels, rest)
-        reasr = reasr.view(num_classes, self.candidates)
+        candidates = Trigger(masks.flatten(0, 1), patterns.flatten(0, 1), torch.zeros_like(patterns.flatten(0, 1)))
+        reasr = holdout_success(model, candidates, rest, labels).view(num_classes, self.candidates)
         best = reasr.argmax(1)
         pick = torch.arange(num_classes)
         return {"score": reasr.amax(1), "mask": masks[pick, best], "pattern": patterns[pick, best],
@@ -269,15 +268,3 @@ class ABS(ScoreInspection):
             loss.backward()
             optimizer.step()
         return torch.sigmoid(mask_logit).detach().cpu(), torch.sigmoid(pattern_logit).detach().cpu()
-
-    @torch.no_grad()
-    def reasr(self, model: nn.Module, mask: Tensor, pattern: Tensor, labels: Tensor, images: ImageSet) -> Tensor:
-        """Percent of ``images`` not of each candidate's label that its trigger sends to that label."""
-        device = model_device(model)
-        x = to_float(images.images.to(device))
-        rates = []
-        for m, p, k in zip(mask.to(device), pattern.to(device), labels.tolist()):
-            keep = images.labels.to(device) != k
-            predicted = model(x[keep] * (1 - m) + m * p).argmax(1)
-            rates.append(100.0 * float((predicted == k).float().mean()) if keep.any() else 0.0)
-        return torch.tensor(rates)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import functools
 import math
 from typing import Any
 
@@ -13,13 +12,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bdlab.datasets.base import ImageSet, to_float
-from bdlab.defenses.model_inspection.scores import ScoreInspection
+from bdlab.defenses.model_inspection.base import ModelInspection
 from bdlab.errors import ConfigError, check_at_least
-from bdlab.evaluate import model_device
+from bdlab.evaluate import model_device, predict
+from bdlab.metrics import attack_success_rate
 from bdlab.services import RunServices
-from bdlab.training.fit import fit
 from bdlab.training.loader import TensorBatches
-from bdlab.training.recipe import TrainingRecipe
 
 
 class ConditionalGenerator(nn.Module):
@@ -89,7 +87,7 @@ class DeepInspectModule(pl.LightningModule):
         return torch.optim.Adam(self.generator.parameters(), lr=self.lr)
 
 
-class DeepInspect(ScoreInspection):
+class DeepInspect(ModelInspection):
     """DeepInspect (Chen, Fu, Zhao & Koushanfar, "DeepInspect: A Black-box Trojan Detection and Mitigation
     Framework for Deep Neural Networks", IJCAI 2019; TrojanZoo's "Di", Table 21 settings).
 
@@ -122,8 +120,8 @@ class DeepInspect(ScoreInspection):
         zero_start: start the generator's last layer at zero (no perturbation) instead of PyTorch's
             random init (default false: on MNIST / LeNet seed 1 the zero start left the clean model's
             generator at large, useless perturbations; on tiny images it converges faster).
-        optimisation_images, evaluation_images, aiv_threshold, seed: as :class:`ScoreInspection`
-            (defaults 200, 200, 2).
+        optimisation_images, evaluation_images, aiv_threshold, seed: as
+            :class:`~bdlab.defenses.model_inspection.base.ModelInspection` (defaults 200, 200, 2).
     """
 
     name = "deep_inspect"
@@ -145,36 +143,23 @@ class DeepInspect(ScoreInspection):
             raise ConfigError("defense.gamma", f"got {gamma}, must be > 0 (without it any perturbation size goes)")
         self.noise_dim, self.width, self.epochs, self.batch_size = int(noise_dim), int(width), int(epochs), int(batch_size)
         self.lr, self.gamma, self.samples, self.zero_start = float(lr), float(gamma), int(samples), bool(zero_start)
-        self.recipe: TrainingRecipe | None = None
 
     def settings(self) -> dict[str, Any]:
         return {"noise_dim": self.noise_dim, "width": self.width, "epochs": self.epochs,
                 "batch_size": self.batch_size, "lr": self.lr, "gamma": self.gamma, "samples": self.samples,
                 "zero_start": self.zero_start}
 
-    def run(self, context: RunServices) -> dict[str, Any]:
-        self.recipe = context.recipe  # the run's Trainer arguments (accelerator, precision, progress bar)
-        return super().run(context)
-
-    def trainer_recipe(self) -> TrainingRecipe:
-        """The run's recipe for ``epochs`` (its optimizer is not used: the module brings Adam), or a
-        plain CPU one outside a run."""
-        if self.recipe is not None:
-            return self.recipe.variant(self.epochs, self.lr)
-        return TrainingRecipe(self.seed, self.batch_size, self.epochs, functools.partial(torch.optim.Adam), None,
-                              {"max_epochs": self.epochs, "accelerator": "cpu", "devices": 1,
-                               "enable_progress_bar": False})
-
-    def score(self, model: nn.Module, images: ImageSet, num_classes: int) -> dict[str, Tensor]:
+    def score(self, model: nn.Module, images: ImageSet, num_classes: int, services: RunServices) -> dict[str, Tensor]:
         model.eval()
         device = model_device(model)
         shape = tuple(images.images.shape[1:])
-        torch.manual_seed(self.seed)  # the generator's initial weights
-        generator = ConditionalGenerator(self.noise_dim, num_classes, shape, self.width, self.zero_start)
+        with torch.random.fork_rng(devices=[]):  # the generator's initial weights, the run's RNG untouched
+            torch.manual_seed(self.seed)
+            generator = ConditionalGenerator(self.noise_dim, num_classes, shape, self.width, self.zero_start)
         batches = TensorBatches(images.images, images.labels, self.batch_size, shuffle=True, seed=self.seed)
         # a copy: Lightning moves the module between devices and the run's model must stay where it is
         module = DeepInspectModule(copy.deepcopy(model), generator, batches, self.gamma, self.lr)
-        fit(module, self.trainer_recipe(), self.seed, False, f"DeepInspect generator on {len(images)} images")
+        services.fit_helper(module, self.seed, f"DeepInspect generator on {len(images)} images", max_epochs=self.epochs)
         generator = generator.to(device).eval()
         return self.measure(model, generator, images, num_classes)
 
@@ -183,19 +168,15 @@ class DeepInspect(ScoreInspection):
                 num_classes: int) -> dict[str, Tensor]:
         """Per class: the mean effective L1 change, the generated perturbations' success, and ``G(0, k)``."""
         device = model_device(model)
-        x, labels = to_float(images.images.to(device)), images.labels.to(device)
         generator_rng = torch.Generator(device="cpu").manual_seed(self.seed + 1)
         magnitude, success = torch.zeros(num_classes), torch.zeros(num_classes)
         for k in range(num_classes):
-            others = x[labels != k]
-            sizes, hits = [], []
-            for _ in range(self.samples):
-                z = torch.randn(len(others), self.noise_dim, generator=generator_rng).to(device)
-                stamped = (others + generator(z, torch.full((len(others),), k, device=device))).clamp(0.0, 1.0)
-                sizes.append((stamped - others).abs().flatten(1).sum(1))
-                hits.append(model(stamped).argmax(1) == k)
-            magnitude[k] = torch.cat(sizes).mean().cpu()
-            success[k] = 100.0 * torch.cat(hits).float().mean().cpu()
+            others = to_float(images.images[images.labels != k].to(device))
+            classes = torch.full((len(others),), k, device=device)
+            noise = [torch.randn(len(others), self.noise_dim, generator=generator_rng) for _ in range(self.samples)]
+            stamped = torch.cat([(others + generator(z.to(device), classes)).clamp(0.0, 1.0) for z in noise])
+            magnitude[k] = (stamped - others.repeat(self.samples, 1, 1, 1)).abs().flatten(1).sum(1).mean().cpu()
+            success[k] = attack_success_rate(predict(model, stamped), k)
         delta = generator(torch.zeros(num_classes, self.noise_dim, device=device),
                           torch.arange(num_classes, device=device)).cpu()
         return {"score": magnitude, "generated_asr": success, "delta": delta,

@@ -8,14 +8,15 @@ import torch
 from torch import Tensor, nn
 
 from bdlab.datasets.base import ImageSet, to_float
-from bdlab.defenses.model_inspection.scores import ScoreInspection
+from bdlab.defenses.model_inspection.base import ModelInspection
 from bdlab.errors import ConfigError, check_at_least
 from bdlab.evaluate import model_device
+from bdlab.services import RunServices
 
 SEEDS = ("noise", "images")
 
 
-class DFTND(ScoreInspection):
+class DFTND(ModelInspection):
     """DF-TND, data-free Trojan network detection (Wang et al., "Practical Detection of Trojan Neural
     Networks: Data-Limited and Data-Free Cases", ECCV 2020, §4, Eq. 6-7).
 
@@ -48,12 +49,14 @@ class DFTND(ScoreInspection):
         l1_weight: weight of the perturbation's L1 norm (default 0.05; sparsity: on MNIST / LeNet it
             keeps ~1/3 of the pixels; 0.2 leaves almost every class at a zero perturbation and a
             degenerate anomaly index, 0.01 a dense one).
-        optimisation_images, evaluation_images, aiv_threshold, seed: as :class:`ScoreInspection`
+        optimisation_images, evaluation_images, aiv_threshold, seed: as
+            :class:`~bdlab.defenses.model_inspection.base.ModelInspection`
             (defaults 100, 200, 2).
     """
 
     name = "df_tnd"
     suspicious = "high"
+    recovers_trigger = False  # logit-raising perturbations of noise, not a trigger of the images to unlearn
 
     def __init__(self, seeds: str = "noise", seed_count: int = 20, steps: int = 100, lr: float = 0.02,
                  l1_weight: float = 0.05, optimisation_images: int = 100, evaluation_images: int = 200,
@@ -86,7 +89,7 @@ class DFTND(ScoreInspection):
             x = torch.rand(2 * self.seed_count, *images.images.shape[1:], generator=generator)
         return x[:self.seed_count], x[self.seed_count:]
 
-    def score(self, model: nn.Module, images: ImageSet, num_classes: int) -> dict[str, Tensor]:
+    def score(self, model: nn.Module, images: ImageSet, num_classes: int, services: RunServices) -> dict[str, Tensor]:
         model.eval()
         device = model_device(model)
         fit_inputs, read_inputs = (x.to(device) for x in self.inputs(images))

@@ -5,8 +5,10 @@ from __future__ import annotations
 import random
 from typing import Any
 
+from bdlab.attacks.base import Attack
+from bdlab.datasets.base import DatasetSplits
 from bdlab.defenses.model_inspection.neural_cleanse import NeuralCleanse
-from bdlab.errors import check_at_least, check_range
+from bdlab.errors import ConfigError, check_at_least, check_range
 from bdlab.inversion.engine import ClassState, EpochScheduler
 
 
@@ -59,7 +61,7 @@ class KArm(NeuralCleanse):
         screen_epochs: epochs of pre-screening, every class at once (default 10).
         candidates: classes kept after pre-screening (default 3).
         epsilon: the bandit's exploration probability (default 0.3).
-        epochs, batch_size, lr, threshold, ...: see :class:`~bdlab.defenses.model_inspection.base.ModelInspection`.
+        epochs, batch_size, lr, threshold, ...: see :class:`~bdlab.defenses.model_inspection.base.TriggerInversion`.
     """
 
     name = "k_arm"
@@ -71,8 +73,14 @@ class KArm(NeuralCleanse):
         self.screen_epochs, self.candidates, self.epsilon = int(screen_epochs), int(candidates), float(epsilon)
         super().__init__(**kwargs)
 
+    def setup(self, data: DatasetSplits, attack: Attack) -> None:
+        if self.candidates > data.num_classes:  # more would keep every class: no pre-screening at all
+            raise ConfigError("defense.candidates", f"got {self.candidates}, but the dataset has {data.num_classes} "
+                              f"classes; at most {data.num_classes}")
+        super().setup(data, attack)
+
     def scheduler(self) -> KArmScheduler:
-        return KArmScheduler(self.screen_epochs, self.candidates, self.epsilon, self.settings["seed"])
+        return KArmScheduler(self.screen_epochs, self.candidates, self.epsilon, self.seed)
 
     def method_settings(self) -> dict[str, Any]:
         return {"method": "k_arm", "screen_epochs": self.screen_epochs, "candidates": self.candidates,

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from bdlab.defenses.model_inspection.base import ModelInspection
+from bdlab.defenses.model_inspection.base import TriggerInversion
 from bdlab.inversion.engine import InversionMethod
 from bdlab.inversion.methods import NeuralCleanseTrigger
 
 
-class NeuralCleanse(ModelInspection):
+class NeuralCleanse(TriggerInversion):
     """Neural Cleanse (Wang et al., "Neural Cleanse: Identifying and Mitigating Backdoor Attacks in Neural
     Networks", S&P 2019, §4; TrojanZoo "Nc"): for every class, the mask ``m`` and pattern ``p`` minimising
     ``CE(f((1 - m) x + m p), k) + lambda |m|_1`` (Eq. 3) on held-out clean images, all classes in one
@@ -18,7 +18,7 @@ class NeuralCleanse(ModelInspection):
     mask's L1 norm; a class whose norm is an outlier on the small side (anomaly index > 2, MAD x 1.4826)
     is flagged. Adam, step 0.1, betas (0.5, 0.9), batches of 32.
 
-    Args: see :class:`~bdlab.defenses.model_inspection.base.ModelInspection`.
+    Args: see :class:`~bdlab.defenses.model_inspection.base.TriggerInversion`.
     """
 
     name = "neural_cleanse"

@@ -9,18 +9,16 @@ from captum.attr import Saliency
 from torch import Tensor, nn
 
 from bdlab.datasets.base import ImageSet, to_float
-from bdlab.defenses.model_inspection.scores import SIDES, ScoreInspection
+from bdlab.defenses.model_inspection.base import SIDES, ModelInspection
 from bdlab.errors import ConfigError, check_at_least, check_range
 from bdlab.evaluate import model_device
+from bdlab.services import RunServices
 
 
-def saliency_maps(model: nn.Module, x: Tensor, target: int, batch: int = 256) -> Tensor:
+def saliency_maps(model: nn.Module, x: Tensor, target: int) -> Tensor:
     """``(N, H, W)`` output saliency of class ``target``: captum's absolute input gradient of its logit,
     the largest over colour channels (Simonyan et al.'s map)."""
-    saliency = Saliency(model)
-    maps = [saliency.attribute(x[start:start + batch].clone().requires_grad_(True), target=target, abs=True)
-            for start in range(0, len(x), batch)]
-    return torch.cat(maps).amax(1).detach()
+    return Saliency(model).attribute(x.clone().requires_grad_(True), target=target, abs=True).amax(1).detach()
 
 
 def explanation_features(maps: Tensor, top: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -45,7 +43,7 @@ def explanation_features(maps: Tensor, top: float) -> tuple[Tensor, Tensor, Tens
     return sparsity, smoothness, persistence
 
 
-class NeuronInspect(ScoreInspection):
+class NeuronInspect(ModelInspection):
     """NeuronInspect (Huang, Alzantot & Srivastava, "NeuronInspect: Detecting Backdoors in Neural Networks
     via Output Explanations", 2019, §3; TrojanZoo's "Ni", Table 21: lambda_sp = lambda_sm = 1e-5,
     lambda_pe = 1 on its unscaled features).
@@ -77,11 +75,13 @@ class NeuronInspect(ScoreInspection):
         weight_sparsity, weight_smoothness, weight_persistence: the lambdas (default 1, 1, 1).
         optimisation_images: held-out images explained (default 100, TrojanZoo samples 10% of the
             training set).
-        evaluation_images, aiv_threshold, seed: as :class:`ScoreInspection` (defaults 1, 2).
+        evaluation_images, aiv_threshold, seed: as
+            :class:`~bdlab.defenses.model_inspection.base.ModelInspection` (defaults 1, 2).
     """
 
     name = "neuron_inspect"
     suspicious = "both"
+    recovers_trigger = False
 
     def __init__(self, top: float = 0.05, side: str = "both", weight_sparsity: float = 1.0, weight_smoothness: float = 1.0,
                  weight_persistence: float = 1.0, optimisation_images: int = 100, evaluation_images: int = 1,
@@ -101,7 +101,7 @@ class NeuronInspect(ScoreInspection):
     def settings(self) -> dict[str, Any]:
         return {"top": self.top, "weights": list(self.weights)}  # the side only reads the scores
 
-    def score(self, model: nn.Module, images: ImageSet, num_classes: int) -> dict[str, Tensor]:
+    def score(self, model: nn.Module, images: ImageSet, num_classes: int, services: RunServices) -> dict[str, Tensor]:
         model.eval()
         x = to_float(images.images.to(model_device(model)))
         features = torch.stack([torch.stack(explanation_features(saliency_maps(model, x, k).cpu(), self.top))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from bdlab.defenses.model_inspection.base import ModelInspection
+from bdlab.defenses.model_inspection.base import TriggerInversion
 from bdlab.inversion.engine import InversionMethod
 from bdlab.inversion.methods import PixelTrigger
 
 
-class Pixel(ModelInspection):
+class Pixel(TriggerInversion):
     """The Pixel paper's trigger inversion ("Better Trigger Inversion Optimization in Backdoor Scanning",
     Tao, Shen, Liu, An, Xu, Ma and Zhang, CVPR 2022, §4): per class, a positive and a negative
     perturbation variable and no mask, ``CE + alpha L_pixel`` (Eq. 3-5,
@@ -24,7 +24,7 @@ class Pixel(ModelInspection):
         gamma: the slope of the regulariser's tanh (default 10); > 0.
         form: ``tanh`` (Eq. 4, default) or ``clip`` (Eq. 6, the simplified form).
         threshold: attack success at which a trigger counts as found (default 0.9, the paper's).
-        epochs, batch_size, lr, ...: see :class:`~bdlab.defenses.model_inspection.base.ModelInspection`.
+        epochs, batch_size, lr, ...: see :class:`~bdlab.defenses.model_inspection.base.TriggerInversion`.
     """
 
     name = "pixel"

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from bdlab.defenses.model_inspection.base import ModelInspection
+from bdlab.defenses.model_inspection.base import TriggerInversion
 from bdlab.inversion.engine import InversionMethod
 from bdlab.inversion.methods import TaborTrigger
 
 
-class Tabor(ModelInspection):
+class Tabor(TriggerInversion):
     """TABOR (Guo, Wang, Xing, Du and Song, "TABOR: A Highly Accurate Approach to Inspecting and Restoring
     Trojan Backdoors in AI Systems", 2019, §4; TrojanZoo "Tabor"): Neural Cleanse's objective and schedule
     plus TABOR's regularisers R1-R4 (:class:`~bdlab.inversion.methods.TaborTrigger`), with TrojanZoo's
@@ -18,7 +18,7 @@ class Tabor(ModelInspection):
 
     Args:
         weights: l1 ... l6 (default [1e-6, 1e-5, 1e-7, 1e-8, 0, 1e-2]).
-        epochs, batch_size, lr, threshold, ...: see :class:`~bdlab.defenses.model_inspection.base.ModelInspection`.
+        epochs, batch_size, lr, threshold, ...: see :class:`~bdlab.defenses.model_inspection.base.TriggerInversion`.
     """
 
     name = "tabor"

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from bdlab.defenses.model_inspection.base import ModelInspection
+from bdlab.defenses.model_inspection.base import TriggerInversion
 from bdlab.inversion.engine import InversionMethod
 from bdlab.inversion.methods import UAPTrigger
 
 
-class UAP(ModelInspection):
+class UAP(TriggerInversion):
     """The Pixel paper's UAP baseline (§3.3, App. B, Eq. 10-11): per class, one perturbation bounded by
     ``epsilon`` in L-infinity that sends the held-out images to the class, the per-sample loss capped at
     ``beta`` (:class:`~bdlab.inversion.methods.UAPTrigger`). No size objective: the size is #pixels,
@@ -19,7 +19,7 @@ class UAP(ModelInspection):
         epsilon: the L-infinity bound in [0, 1] pixel units (default 0.1).
         beta: the per-sample loss cap (default 10).
         threshold: attack success counted as found (default 0.9).
-        epochs, batch_size, lr, ...: see :class:`~bdlab.defenses.model_inspection.base.ModelInspection`.
+        epochs, batch_size, lr, ...: see :class:`~bdlab.defenses.model_inspection.base.TriggerInversion`.
     """
 
     name = "uap"
