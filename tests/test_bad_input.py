@@ -50,6 +50,7 @@ BAD_INPUT = [
     (["attack.target_class=12"], "attack.target_class", "got 12"),
     (["trainer.max_epochs=-1"], "trainer.max_epochs", "no limit"),
     (["defense=shrinkpad", "defense.size=16"], "defense.size", "got 16"),
+    (["defense=k_arm", "defense.candidates=20"], "defense.candidates", "20"),
     (["attack=refool", "defense=strip", "defense.fpr=1.5"], "defense.fpr", "got 1.5"),
     (["defense=hardening", "defense.pairs=100000", "defense.distance_images=10"], "defense.pairs", "100000"),
     (["defense=hardening", "defense.distance_images=100000"], "defense.distance_images", "100000"),

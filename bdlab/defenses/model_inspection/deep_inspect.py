@@ -6,7 +6,6 @@ import copy
 import math
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -17,7 +16,7 @@ from bdlab.errors import ConfigError, check_at_least
 from bdlab.evaluate import model_device, predict
 from bdlab.metrics import attack_success_rate
 from bdlab.services import RunServices
-from bdlab.training.loader import TensorBatches
+from bdlab.training.loader import BatchedModule, TensorBatches
 
 
 class ConditionalGenerator(nn.Module):
@@ -49,7 +48,7 @@ class ConditionalGenerator(nn.Module):
         return torch.tanh(out)
 
 
-class DeepInspectModule(pl.LightningModule):
+class DeepInspectModule(BatchedModule):
     """Trains the conditional generator against a frozen copy of the classifier (DeepInspect §3.2, Eq. 3):
     every image of a batch is paired with every class but its own, and the loss is::
 
@@ -59,13 +58,9 @@ class DeepInspectModule(pl.LightningModule):
 
     def __init__(self, classifier: nn.Module, generator: ConditionalGenerator, batches: TensorBatches,
                  gamma: float, lr: float) -> None:
-        super().__init__()
+        super().__init__(batches)
         self.classifier = classifier.requires_grad_(False)
-        self.generator, self.batches, self.gamma, self.lr = generator, batches, gamma, lr
-
-    def train_dataloader(self) -> TensorBatches:
-        self.batches.shard(self.global_rank, self.trainer.world_size)
-        return self.batches
+        self.generator, self.gamma, self.lr = generator, gamma, lr
 
     def on_train_epoch_start(self) -> None:
         self.classifier.eval()  # Lightning put the whole module in train mode; batch norm must not move
