@@ -27,8 +27,9 @@ from bdlab.attacks.stegastamp import (
 )
 from bdlab.cache import content_digest, file_digest
 from bdlab.compose import compose_config
-from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
+from bdlab.datasets.base import DatasetSplits, ImageSet
 from bdlab.errors import ConfigError, build, check_at_least, check_range
+from bdlab.evaluate import predict
 from bdlab.services import RunServices
 from bdlab.training.loader import TensorBatches
 
@@ -332,7 +333,7 @@ class ISSBA(Attack):
         code = (self.code if code is None else code).to(x.device, x.dtype)
         codes = code.expand(len(x), -1) if code.dim() == 1 else code
         out = torch.empty_like(x)
-        for start in range(0, len(x), ENCODE_CHUNK):
+        for start in range(0, len(x), ENCODE_CHUNK):  # not predict(): the encoder takes a code beside each image
             part = slice(start, start + ENCODE_CHUNK)
             out[part] = encoder.encode(x[part], codes[part])
         return out
@@ -342,8 +343,9 @@ class ISSBA(Attack):
         """The decoder's bits (float ``{0, 1}``, ``(N, bits)``) read from ``x`` in ``[0, 1]``."""
         _, decoder = self._networks()
         decoder.to(x.device)
-        return torch.cat([(decoder(x[start:start + ENCODE_CHUNK]) > 0).to(x.dtype)
-                          for start in range(0, len(x), ENCODE_CHUNK)]) if len(x) else x.new_zeros(0, self.bits)
+        if len(x) == 0:
+            return x.new_zeros(0, self.bits)
+        return (predict(decoder, x, batch_size=ENCODE_CHUNK) > 0).to(x.device, x.dtype)
 
     def apply(self, x: Tensor) -> Tensor:
         return self.encode(x)
@@ -367,12 +369,9 @@ class ISSBA(Attack):
         """Share (%) of the secret's bits the decoder reads back from uint8 ``images``."""
         if len(images) == 0:
             return float("nan")
-        correct = 0.0
-        code = self.code.to(device)
-        for start in range(0, len(images), ENCODE_CHUNK):
-            bits = self.decode(to_float(images[start:start + ENCODE_CHUNK].to(device)))
-            correct += float((bits == code).float().sum())
-        return 100.0 * correct / (len(images) * self.bits)
+        _, decoder = self._networks()
+        bits = predict(decoder.to(device), images, batch_size=ENCODE_CHUNK) > 0
+        return 100.0 * float((bits == self.code.bool()).float().mean())
 
     def report(self, test: ImageSet, poisoned_test: ImageSet, device: torch.device | str = "cpu") -> dict[str, float]:
         return {"attack/bit_accuracy": self.bit_accuracy(poisoned_test.images, device),

@@ -14,7 +14,8 @@ from bdlab.attacks.base import Attack
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
 from bdlab.defenses.model_sanitisation.base import ModelSanitization
 from bdlab.errors import ConfigError, check_at_least, check_range
-from bdlab.metrics import percent
+from bdlab.evaluate import predict
+from bdlab.metrics import accuracy
 from bdlab.models.classifier import Classifier
 from bdlab.services import RunServices
 from bdlab.training.fit import fit_classifier
@@ -86,13 +87,10 @@ def robust_accuracy(model: Classifier, data: ImageSet, epsilon: float, step: flo
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        hits = []
-        for start in range(0, len(data), batch):
-            x, y = to_float(data.images[start:start + batch]).to(device), data.labels[start:start + batch].to(device)
-            adversarial = pgd(x, y)
-            with torch.no_grad():
-                hits.append(model(adversarial).argmax(1) == y)
-    return percent(torch.cat(hits))
+        # PGD needs gradients, so it runs chunk by chunk here; the model's verdict goes through predict
+        adversarial = torch.cat([pgd(to_float(x).to(device), y.to(device)).cpu()
+                                 for x, y in zip(data.images.split(batch), data.labels.split(batch))])
+    return accuracy(predict(model, adversarial), data.labels)
 
 
 class AdversarialRetraining(ModelSanitization):
