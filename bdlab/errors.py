@@ -8,7 +8,7 @@ from typing import Any, Literal, Union
 
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -104,7 +104,8 @@ def check_fields(node: Any, path: str, target: Any = None, given: Any = ()) -> N
         target = None
     taken, open_ended = signature(target) if target else ({}, True)
     for key in map(str, node):
-        if key.startswith("_") or key in given:
+        # an interpolation (attack.seed: ${seed}) is checked where its value is written, under that name
+        if key.startswith("_") or key in given or OmegaConf.is_interpolation(node, key):
             continue
         if key not in taken and not open_ended:
             raise ConfigError(prefix + key, f"{target.__name__} has no such field; it takes {', '.join(taken)}")

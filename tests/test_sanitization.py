@@ -72,7 +72,7 @@ def test_hardening_increases_the_class_distance_on_a_toy_problem(tmp_path: Path,
 @pytest.mark.parametrize("overrides, field", [
     (["defense=unlearning", "defense.inspector._target_=bdlab.defenses.input_filtering.strip.STRIP"], "defense.inspector"),
     (["defense=unlearning", "defense.share=0"], "defense.share"),
-    (["defense=unlearning", "defense.inspector.epochs=0"], "defense.epochs"),
+    (["defense=unlearning", "defense.inspector.epochs=0"], "defense.inspector.epochs"),
     (["defense=hardening", "defense.pair_list=[[0,12]]"], "defense.pair_list"),
     (["defense=hardening", "defense.pair_list=[[3,3]]"], "defense.pair_list"),
     (["defense=hardening", "defense.generator=gan"], "defense.generator"),
