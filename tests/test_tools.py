@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -76,8 +78,10 @@ def test_gpu_script_passes_its_cpu_smoke() -> None:
     name the device, in a temporary folder: the committed tables are left alone."""
     repo = Path(__file__).resolve().parents[1]
     committed = {name: (repo / "benchmarks" / name).read_text() for name in ("train.md", "inspect.md")}
+    # the script's `python` is this interpreter, as on the device machine it is the image's
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     done = subprocess.run(["bash", str(repo / "benchmarks" / "gpu.sh"), "--cpu-smoke"], capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=900, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     out = Path(done.stdout.splitlines()[-1].split(" rows in ")[1].split("/train.md")[0])
     train = [r for r in (out / "train.md").read_text().splitlines() if r.startswith("| synthetic | resnet18 |")]
