@@ -119,9 +119,29 @@ def check_fields(node: Any, path: str, target: Any = None, given: Any = ()) -> N
             check_fields(value, prefix + key)
 
 
+#: the run config's own keys (conf/config.yaml and its groups), and those of the nodes without a ``_target_``
+RUN_KEYS = ("dataset", "model", "attack", "defense", "trainer", "logger", "analysis", "seed", "nsr", "cache_dir",
+            "data_dir", "optimizer", "scheduler")
+MODEL_KEYS = ("name", "net", "lr", "batch_size", "weights", "mean", "std")
+NSR_KEYS = ("layer", "top_k")
+
+
+def check_keys(node: Any, path: str, known: tuple[str, ...], hint: str = "") -> None:
+    """Refuse, as ``ConfigError(<path>.<key>)``, a key of a node without a ``_target_`` that nothing reads (a
+    typo, or a ``+`` that adds what bdlab does not take), so it is not silently ignored."""
+    for key in map(str, node or {}):
+        if key not in known:
+            where = f"{path}." if path else ""
+            raise ConfigError(where + key, f"no such field; {path or 'the run config'} takes {', '.join(known)}{hint}")
+
+
 def check_config(cfg: DictConfig) -> None:
-    """:func:`check_fields` on a whole run config before any work: every ``_target_`` node, the ``trainer``
-    group against Lightning's Trainer, the loggers less the nulls :func:`bdlab.loggers.build_loggers` fills."""
+    """:func:`check_fields` on a whole run config before any work: the known keys of the root, ``model`` and
+    ``nsr`` nodes, every ``_target_`` node, the ``trainer`` group against Lightning's Trainer, the loggers
+    less the nulls :func:`bdlab.loggers.build_loggers` fills."""
+    check_keys(cfg, "", RUN_KEYS)
+    check_keys(cfg.get("model"), "model", MODEL_KEYS, " (weights to load: model.weights=PATH)")
+    check_keys(cfg.get("nsr"), "nsr", NSR_KEYS)
     check_fields(cfg, "", given=("trainer", "logger"))
     check_fields(cfg.trainer, "trainer", get_object("pytorch_lightning.Trainer"))
     for name, node in (cfg.get("logger") or {}).items():

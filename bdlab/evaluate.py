@@ -115,21 +115,29 @@ def defense_effect(before: Evaluation, after: Evaluation) -> dict[str, float]:
     return metrics
 
 
-def evaluate_attack(clean_model: nn.Module, trojan_model: nn.Module, services: RunServices,
+def evaluate_attack(clean_model: nn.Module | None, trojan_model: nn.Module, services: RunServices,
                     nsr: NSRSettings) -> tuple[dict[str, float], Evaluation]:
     """The attack-level figures of a run: ACC, CCC (and with an attack ASR, TMC and NSR) of the clean
     reference and the trojaned model, the attack's CAD, the poisoned test images' stealthiness against
     their sources, and the attack's own report; returns them with the trojaned model's evaluation
-    (what a defense is measured against)."""
+    (what a defense is measured against).
+
+    A given model's run may lack a clean reference (``clean_model`` None: its figures and CAD are NaN) and
+    triggered inputs (ASR and TMC NaN): not applicable, never measured on something else."""
     data, attack, poisoned = services.data, services.attack, services.poisoned_test
-    # the clean model on the triggered inputs too: how often the trigger alone, without a backdoor, hits the target
-    metrics = evaluate(clean_model, data.test, poisoned, attack.target_class).metrics("clean")
     undefended = evaluate(trojan_model, data.test, poisoned, attack.target_class)
+    if clean_model is not None:
+        # the clean model on the triggered inputs too: how often the trigger alone, without a backdoor, hits the target
+        metrics = evaluate(clean_model, data.test, poisoned, attack.target_class).metrics("clean")
+    else:
+        metrics = {"clean/acc": math.nan, "clean/ccc": math.nan}
     metrics.update(undefended.metrics("trojan"))
     metrics["attack/cad"] = metrics["clean/acc"] - metrics["trojan/acc"]
+    if poisoned is None and services.has_attack():
+        metrics.update({"trojan/asr": math.nan, "trojan/tmc": math.nan})
     if poisoned is not None:
         metrics.update(stealthiness(data.test.images[poisoned.sources], poisoned.images, services.device))
-        metrics["clean/nsr"] = nsr.measure(clean_model, services)
+        metrics["clean/nsr"] = nsr.measure(clean_model, services) if clean_model is not None else math.nan
         metrics["trojan/nsr"] = nsr.measure(trojan_model, services)
         metrics.update(attack.report(data.test, poisoned, services.device))
     return metrics, undefended

@@ -28,7 +28,7 @@ def save_trigger_examples(attack: Attack, test: ImageSet, output_dir: Path, coun
 
     Returns ``{"media/trigger_examples": path}`` for the loggers, or nothing without an attack.
     """
-    if isinstance(attack, NoAttack):
+    if not attack.has_poisoned_test:  # no attack, or a given model whose trigger was not named
         return {}
     chosen = (test.labels != attack.target_class).nonzero().flatten()[:count]
     clean = test.images[chosen]

@@ -21,7 +21,7 @@ from bdlab.analysis.base import Analysis
 from bdlab.attacks.base import Attack, PoisonedSet
 from bdlab.datasets.base import DatasetSplits
 from bdlab.defenses.base import Defense
-from bdlab.errors import build, check_config
+from bdlab.errors import ConfigError, build, check_config
 from bdlab.evaluate import evaluate_attack
 from bdlab.nsr import NSRSettings
 from bdlab.services import RunServices, resolve_device
@@ -82,8 +82,13 @@ def prepare(cfg: DictConfig, output_dir: str | Path = ".") -> Experiment:
     defense: Defense = build(cfg.defense)
     analyses: list[Analysis] = [build(node) for node in (cfg.get("analysis") or {}).values()]
     services = RunServices(cfg, data, recipe, attack, device=resolve_device(cfg.trainer), output_dir=output_dir)
-    services.new_model()  # checks that the model accepts the dataset's input
+    services.new_model()  # checks that the model accepts the dataset's input (and the given weights fit it)
+    if not attack.trains and services.weights is None:
+        raise ConfigError("model.weights", f"attack={attack.name} scans a model you give: set model.weights=PATH "
+                          "(a .safetensors file or a torch.save'd state dict)")
     attack.setup(data, services)
+    if not attack.trains and services.has_clean_reference():
+        services.clean_model()  # a given clean reference is read (and refused in one line) before any work
     defense.setup(data, attack)
     defense.check_model(services.new_model())
     NSRSettings.from_config(cfg).check(services.new_model(), tuple(data.train.images.shape[1:]))
@@ -109,12 +114,13 @@ def execute(experiment: Experiment, output_dir: Path, loggers: list[Logger]) -> 
     poisoned training and test sets (None without an attack)."""
     services, data, attack = experiment.services, experiment.data, experiment.attack
     services.loggers, services.output_dir = loggers, Path(output_dir)
-    clean_model = services.clean_model()
+    clean_model = services.clean_model() if services.has_clean_reference() else None
     trojan_model = services.trojan_model()
-    if services.has_attack():
+    if attack.has_poisoned_test:
         started = time.perf_counter()
         # after training, from the learned state: the set the attacker hands over and the test inputs
-        services.poisoned_train = attack.poison_train(data.train, services.device)
+        if attack.trains:
+            services.poisoned_train = attack.poison_train(data.train, services.device)
         services.poisoned_test = attack.poison_test(data.test, services.device)
         services.timings["poison_sets_s"] = time.perf_counter() - started
 

@@ -1,5 +1,10 @@
 """``python -m bdlab.report <run or multirun dirs> [--out DIR] [--wandb]``: tables, heatmaps, trade-off.
 
+Per setting, it leads with the answer to "does this defense work against this attack?": the ASR left
+under each defense (or an inspector's verdict on the target class) and the clean accuracy each costs,
+as each run's defense category declares them; then the attacks' own figures, once per attack; then a
+table per defense metric, over the defenses that report it (:mod:`bdlab.reporting.build`).
+
 Reads ``results.json`` files only. Unreadable files are skipped with one line each; the exit
 status is 1 when no successful run is left to report (nothing useful can be produced).
 """

@@ -93,6 +93,7 @@ def run_experiment(cfg: DictConfig, output_dir: Path, group: str | None = None) 
             "seed": experiment.recipe.seed,
             "metrics": outcome["metrics"],
             "headline": [list(item) for item in experiment.headline_metrics()],
+            "residual": experiment.defense.residual.record(),
             "timings": experiment.timings,
             "artifacts": outcome["artifacts"],
             "config": OmegaConf.to_container(cfg, resolve=True),

@@ -19,6 +19,7 @@ Build one from Python with :func:`create` (the same config ``python -m bdlab.run
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -27,13 +28,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 
 from bdlab.cache import ArtifactCache, Tensors, content_digest, spec_hash
 from bdlab.datasets.base import DatasetSplits, ImageSet
-from bdlab.errors import build
+from bdlab.errors import ConfigError, build
 from bdlab.models.classifier import Classifier, build_classifier
+from bdlab.models.weights import load_weights, read_state_dict
 from bdlab.training.augment import TrainAugment
 from bdlab.training.fit import fit, fit_classifier, training_batches
 from bdlab.training.recipe import TrainingRecipe
@@ -63,6 +65,28 @@ def training_processes(trainer: dict[str, Any]) -> int:
     return count * int(trainer.get("num_nodes", 1))
 
 
+def model_options(cfg: DictConfig) -> dict[str, Any]:
+    """The model node, with a given weights file named by its content's digest, not its path."""
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if model.get("weights"):
+        model["weights"] = weights_digest(str(model["weights"]))
+    return model
+
+
+@functools.lru_cache(maxsize=8)
+def _digest_of(path: str, size: int, mtime_ns: int) -> str:
+    state = read_state_dict(path)
+    return content_digest(*(part for key in sorted(state) for part in (key, state[key])))
+
+
+def weights_digest(path: str) -> str:
+    """The digest of a weights file's content, its names and tensors (so the same weights saved as
+    safetensors or with torch.save share every cache entry derived from them); read once per file version."""
+    file = Path(path).expanduser()
+    stat = file.stat()
+    return _digest_of(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
 def model_spec(cfg: DictConfig, with_attack: bool) -> dict[str, Any]:
     """Exactly the config that determines a trained model (never the defense, logger or paths)."""
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -72,7 +96,7 @@ def model_spec(cfg: DictConfig, with_attack: bool) -> dict[str, Any]:
         recipe["processes"] = processes
     return {
         "dataset": _without_locations(cfg.dataset),
-        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "model": model_options(cfg),
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
         "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         "recipe": recipe,
@@ -90,6 +114,24 @@ def same_keys(model: torch.nn.Module) -> Callable[[Tensors], bool]:
     """A cache-entry check: the entry holds exactly ``model``'s state-dict keys."""
     expected = set(model.state_dict())
     return lambda tensors: set(tensors) == expected
+
+
+def normalisation(model_cfg: Any, data: DatasetSplits) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``model.mean`` and ``model.std`` (one value per channel), or the dataset's statistics where null."""
+    stats = []
+    for name, default in (("mean", data.mean), ("std", data.std)):
+        given = model_cfg.get(name) if hasattr(model_cfg, "get") else None
+        if given is None:
+            stats.append(tuple(default))
+            continue
+        values = tuple(float(v) for v in (given if isinstance(given, (list, tuple, ListConfig)) else [given]))
+        if len(values) != data.channels:
+            raise ConfigError(f"model.{name}", f"got {len(values)} value(s) for {data.channels}-channel images; "
+                              f"give {data.channels} (or null for the dataset's own)")
+        if name == "std" and min(values) <= 0:
+            raise ConfigError("model.std", f"got {list(values)}, every value must be > 0")
+        stats.append(values)
+    return stats[0], stats[1]
 
 
 def resolve_device(trainer_cfg: DictConfig) -> torch.device:
@@ -140,6 +182,10 @@ class RunServices:
         self._clean: dict[int, Classifier] = {}
         self._trojan: Classifier | None = None
         self._given: dict[str, str] = {}
+        model_cfg = cfg.model if cfg is not None else {}
+        self.mean, self.std = normalisation(model_cfg, data)
+        #: ``model.weights``: every model the run builds starts from them (a given model is them)
+        self.weights = read_state_dict(model_cfg["weights"]) if model_cfg.get("weights") else None
 
     @property
     def seed(self) -> int:
@@ -175,8 +221,10 @@ class RunServices:
         clean and trojaned models start identical."""
         pl.seed_everything(self.recipe.seed if seed is None else seed, verbose=False)
         network = self.network if self.network is not None else build(self.cfg.model.net)
-        return build_classifier(network, self.data.input_shape, self.data.num_classes,
-                                self.data.mean, self.data.std)
+        model = build_classifier(network, self.data.input_shape, self.data.num_classes, self.mean, self.std)
+        if self.weights is not None:
+            load_weights(model.net, self.weights)
+        return model
 
     def fresh_model(self) -> Classifier:
         """A freshly initialised classifier of the run's architecture (to check layer names; trains nothing)."""
@@ -216,13 +264,33 @@ class RunServices:
         return spec if seed is None else {**spec, "seed": int(seed)}
 
     def clean_key(self, seed: int | None = None) -> str:
-        """The cache key of the clean model of ``seed`` (default: the run's); loads nothing."""
+        """The cache key of the clean model of ``seed`` (default: the run's); loads nothing it need not."""
+        if not self.attack.trains:
+            self.clean_model(seed)
         given = self._given.get(f"clean/{self.seed if seed is None else int(seed)}")
         return given if given is not None else spec_hash(self.clean_spec(seed))
+
+    def has_clean_reference(self) -> bool:
+        """Whether a clean reference model exists: trained by the run, or given (a given model's run has one
+        only with ``attack.clean_weights``); without one, clean-model figures are not applicable."""
+        return self.attack.trains or self.seed in self._clean or bool(getattr(self.attack, "clean_weights", None))
+
+    def given_clean_model(self, seed: int) -> Classifier:
+        """The clean reference a given model's run was given (``attack.clean_weights``)."""
+        path = getattr(self.attack, "clean_weights", None)
+        if seed != self.seed or not path:
+            raise ConfigError("attack.clean_weights", "this needs a clean reference model and a given model's run "
+                              "trains none: give attack.clean_weights=PATH (same architecture)")
+        model = self.new_model()
+        load_weights(model.net, read_state_dict(path, "attack.clean_weights"), "attack.clean_weights")
+        self._given[f"clean/{seed}"] = weights_digest(path)
+        return model.to(self.device).eval()
 
     def clean_model(self, seed: int | None = None) -> Classifier:
         """The clean model of ``seed`` (default: the run's reference model), in eval mode on the device."""
         seed = self.seed if seed is None else int(seed)
+        if seed not in self._clean and not self.attack.trains:
+            self._clean[seed] = self.given_clean_model(seed)
         if seed not in self._clean:
             spec = self.clean_spec(seed)
             model, reused = self.trained_model("clean", spec, self.data.train)
@@ -263,6 +331,8 @@ class RunServices:
         """The trojaned model's cache key (the clean model's without an attack)."""
         if not self.has_attack():
             return self.clean_key()
+        if not self.attack.trains:
+            self.trojan_model()
         return self._given.get("trojan") or spec_hash(model_spec(self.cfg, with_attack=True))
 
     def trojan_model(self) -> Classifier:
@@ -270,6 +340,13 @@ class RunServices:
         clean reference without an attack)."""
         if not self.has_attack() and self._trojan is None:
             return self.clean_model()
+        if self._trojan is None and not self.attack.trains:
+            if self.weights is None:
+                raise ConfigError("model.weights", "attack=given scans a model you give: set model.weights=PATH "
+                                  "(a .safetensors file or a torch.save'd state dict)")
+            self._trojan = self.new_model().to(self.device).eval()
+            self._given["trojan"] = weights_digest(str(self.cfg.model.weights))
+            self.artifacts["trojan_model"] = {"path": str(self.cfg.model.weights), "reused": True}
         if self._trojan is None:
             attack = self.attack
             spec = model_spec(self.cfg, with_attack=True)

@@ -56,6 +56,11 @@ BAD_INPUT = [
     (["defense=hardening", "defense.distance_images=100000"], "defense.distance_images", "100000"),
     (["+attack.nosuch=1"], "attack.nosuch", "no such field"),
     (["dataset.nosuch=1"], "dataset.nosuch", "+dataset.nosuch=1"),
+    # keys of the nodes without a _target_ that nothing would read
+    (["+model.checkpoint=x.safetensors"], "model.checkpoint", "model.weights=PATH"),
+    (["+seeds=3"], "seeds", "no such field"),
+    (["+nsr.layr=fc1"], "nsr.layr", "nsr takes layer, top_k"),
+    (["model.std=[0.5,0.5,0.5]"], "model.std", "give 1"),
     # unknown options: the line lists the valid ones
     (["attack=nosuch"], "attack", ", ".join(options("attack"))),
     (["+experiment=nosuch"], "experiment", ", ".join(options("experiment"))),

@@ -161,10 +161,15 @@ def test_every_option_composes(group: str) -> None:
 
 
 @pytest.mark.parametrize("group", ["attack", "defense"])
-def test_every_attack_and_defense_option_prepares(group: str) -> None:
+def test_every_attack_and_defense_option_prepares(group: str, tmp_path: Path) -> None:
     """Every shipped attack and defense builds and validates against data (a typo in a config fails here)."""
+    from bdlab.models.weights import save_weights
+
     for option in options(group):
         overrides = [*TINY_RUN, "dataset.defense_fraction=0.3", f"{group}={option}"]
+        if option == "given":  # the given model: any LeNet for the tiny run's 16x16 images
+            given = save_weights(prepare(compose_config(TINY_RUN)).services.new_model(), tmp_path / "given.safetensors")
+            overrides.append(f"model.weights={given}")
         cfg = compose_config(overrides)
         # the tiny run holds out 90 images, not 500: shrink an inspection defense's (or its nested inspector's) share
         for prefix, node in ((group, cfg[group]), (f"{group}.inspector", cfg[group].get("inspector"))):

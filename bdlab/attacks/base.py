@@ -98,6 +98,11 @@ class Attack(TrainingHooks, ABC):
     #: where the trojaned model's training starts: ``scratch`` (fresh weights) or ``clean`` (the clean
     #: reference's weights, TrojanZoo's retraining of a benign model)
     init = "scratch"
+    #: the run trains the trojaned model from a poisoned training set (False: the model is given, and no
+    #: training set exists for data filtering or retraining)
+    trains = True
+    #: the target class is known (False: metrics of the target are not applicable)
+    known_target = True
     #: (results.json key, title) of the metrics the report shows for every attack
     headline_metrics: tuple[tuple[str, str], ...] = (
         ("trojan/acc", "ACC of the trojaned model (%)"),
@@ -119,6 +124,7 @@ class Attack(TrainingHooks, ABC):
         self.enhance = bool(enhance)
         self.enhance_max_shrink = int(enhance_max_shrink)
         self._resources: RunServices | None = None
+        self.is_set_up = False
 
     def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:
         """Validate against the dataset and build the trigger; raises ConfigError before any training.
@@ -132,6 +138,7 @@ class Attack(TrainingHooks, ABC):
         if self.enhance:
             check_shrink("attack.enhance_max_shrink", self.enhance_max_shrink, data.size)
         self.poison_indices(data.train.labels)  # checks the rate leaves enough candidates
+        self.is_set_up = True
 
     @property
     def resources(self) -> RunServices:
@@ -143,6 +150,11 @@ class Attack(TrainingHooks, ABC):
     @abstractmethod
     def apply(self, x: Tensor) -> Tensor:
         """Stamp the trigger on a float batch ``(N, C, H, W)`` in ``[0, 1]``; returns a new tensor."""
+
+    @property
+    def has_poisoned_test(self) -> bool:
+        """Whether the run has triggered test inputs (ASR, TPR, NSR need them)."""
+        return True
 
     @property
     def display_name(self) -> str:
@@ -186,8 +198,15 @@ class Attack(TrainingHooks, ABC):
         chosen = candidates[torch.randperm(len(candidates), generator=generator)[:count]]
         return chosen.sort().values
 
+    def require_setup(self) -> None:
+        """Raise one line unless :meth:`setup` has run (the data fixes the trigger's size and channels)."""
+        if not self.is_set_up:
+            raise RuntimeError(f"attack {self.name!r} is not set up: call setup(data) first, or use "
+                               f"bdlab.attack({self.name!r}).poison(data)")
+
     def stamp(self, images: Tensor, device: torch.device | str = "cpu") -> Tensor:
         """Stamp uint8 images in chunks on ``device``; returns uint8 on the input's device."""
+        self.require_setup()
         return map_batches(lambda x, _: self.apply(x), images, device)
 
     def relabelled(self, train: ImageSet, images: Tensor) -> PoisonedSet:
@@ -276,6 +295,8 @@ class NoAttack(Attack):
     """No backdoor: the trojaned model is the clean reference and attack metrics are not reported."""
 
     name = "none"
+    known_target = False
+    has_poisoned_test = False  # type: ignore[assignment]
     headline_metrics = (("trojan/acc", "ACC of the trojaned model (%)"),)
 
     def __init__(self, **_: Any) -> None:
@@ -283,7 +304,7 @@ class NoAttack(Attack):
 
     def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:
         """Nothing to validate: there is no trigger and no poisoned sample."""
-        self._resources = resources
+        self._resources, self.is_set_up = resources, True
 
     def apply(self, x: Tensor) -> Tensor:
         return x.clone()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 from bdlab.attacks.base import Attack
@@ -24,6 +26,29 @@ ART_INPUT = ("defense/time_per_input_ms", "ART: input filtering time per input (
 DEFENSE_NSR = ("defense/nsr", "NSR of the defended model (TrojanZoo Table 16)")
 
 
+@dataclass(frozen=True)
+class Residual:
+    """Which of a defense's metrics answer "does this defense work against this attack?", as its category
+    defines them; each run records them in ``results.json`` (``"residual"``) and the report leads with them.
+
+    ``asr``: key of the ASR left under the defense (%); ``cost``: key of what the defense costs in clean
+    accuracy (points), or a number where that is known without measuring (no defense: 0); ``flagged`` and
+    ``aiv``: for a defense that inspects the model instead of changing it, keys of whether it flagged the
+    attack's target class (1 or 0) and the target's anomaly index. ``meaning`` says in words what the
+    ``asr`` figure (or the verdict) is. None: the figure does not apply to the category (n/a, never 0).
+    """
+
+    meaning: str
+    asr: str | None = None
+    cost: str | float | None = None
+    flagged: str | None = None
+    aiv: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The form ``results.json`` holds."""
+        return dataclasses.asdict(self)
+
+
 def check_held_out_share(field: str, asked: int, data: DatasetSplits) -> None:
     """Refuse, naming ``field``, a number of held-out clean images larger than the held-out split."""
     if asked > len(data.defense):
@@ -39,6 +64,8 @@ class Defense(ABC):
     category = "none"
     #: (results.json key, title) of the metrics the report draws tables of for this defense
     headline_metrics: tuple[tuple[str, str], ...] = ()
+    #: the metrics that say whether it works (each category declares its own)
+    residual = Residual("not declared by this defense")
 
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
         """Validate parameters against the dataset and attack; raise ConfigError on bad values."""
@@ -56,6 +83,7 @@ class NoDefense(Defense):
     """No defense: the run reports the undefended attack only."""
 
     name = "none"
+    residual = Residual("the undefended ASR", asr="trojan/asr", cost=0.0)
 
     def run(self, context: RunServices) -> dict[str, Any]:
         return {}

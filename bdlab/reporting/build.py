@@ -5,10 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bdlab.reporting import residual
 from bdlab.reporting.collect import Collection
 from bdlab.reporting.grid import Grid, grids, label
 from bdlab.reporting.heatmaps import heatmap
-from bdlab.reporting.tables import markdown_table, metrics_of, slug, write_csv_table, write_long_csv
+from bdlab.reporting.tables import (
+    attack_metrics,
+    attack_table,
+    defense_metrics,
+    markdown_table,
+    residual_sources,
+    residual_table,
+    slug,
+    verdict,
+    write_attack_csv,
+    write_csv_table,
+    write_long_csv,
+)
 from bdlab.reporting.tradeoff import Curve, curves, write_curves
 
 REPORT_FILE = "report.md"
@@ -45,6 +58,36 @@ def failure_lines(found: Collection, all_grids: list[Grid]) -> list[str]:
     return lines
 
 
+def lead_sections(grid: Grid, out_dir: Path) -> tuple[list[str], list[Path]]:
+    """The answer first: the residual ASR under each defense and its clean-accuracy cost, then the attacks'
+    own metrics, once per attack; Markdown lines and the files written."""
+    name = slug(grid.setting)
+    lines, files = [], []
+    if residual.ASR in grid.cells or residual.FLAGGED in grid.cells:
+        lines += ["### Does the defense work? ASR left under each defense (%)", "", residual_table(grid), "",
+                  *[f"- {line}" for line in residual_sources(grid)], ""]
+        notes = {(row, column): text.replace(" (", "\n(") for row in grid.rows for column in grid.columns
+                 if (text := verdict(grid, row, column)) is not None}
+        files.append(heatmap(grid, residual.ASR, "ASR left under each defense (%)",
+                             out_dir / "heatmaps" / f"{name}__residual_asr.png", notes=notes))
+        for key in (residual.ASR, residual.FLAGGED, residual.AIV):
+            if key in grid.cells:
+                files.append(out_dir / "tables" / f"{name}__{slug(key)}.csv")
+                write_csv_table(grid, key, files[-1])
+    if residual.COST in grid.cells:
+        lines += ["### What it costs: clean accuracy lost (points)", "", markdown_table(grid, residual.COST), ""]
+        files.append(out_dir / "tables" / f"{name}__{slug(residual.COST)}.csv")
+        write_csv_table(grid, residual.COST, files[-1])
+        files.append(heatmap(grid, residual.COST, "Clean accuracy lost (points)",
+                             out_dir / "heatmaps" / f"{name}__residual_cost.png"))
+    if attack_metrics(grid):
+        lines += ["### The attacks (each trojaned model once, whatever the defense)", "", attack_table(grid), "",
+                  *[f"- `{key}`: {title}" for key, title in attack_metrics(grid)], ""]
+        files.append(out_dir / "tables" / f"{name}__attacks.csv")
+        write_attack_csv(grid, files[-1])
+    return lines, files
+
+
 def build_report(found: Collection, out_dir: Path) -> Report:
     """Write everything under ``out_dir``; the records must include at least one successful run."""
     labelled = label(found.records)
@@ -53,18 +96,23 @@ def build_report(found: Collection, out_dir: Path) -> Report:
     out_dir.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
     parts = ["# bdlab report", "",
-             f"{sum(r.ok for r in found.records)} successful and {sum(not r.ok for r in found.records)} failed runs "
-             f"from {len({r.path.parent for r in found.records})} directories. Cells: mean ± std over seeds.", ""]
+             (f"{sum(r.ok for r in found.records)} successful and {sum(not r.ok for r in found.records)} failed runs "
+              f"from {len({r.path.parent for r in found.records})} directories. Cells: mean ± std over seeds (the "
+              "mean alone for one seed); n/a where a figure does not apply to the cell."), ""]
     for grid in all_grids:
         parts += [f"## {grid.setting}", ""]
-        if not metrics_of(grid):  # no run of this setting succeeded: show where they failed
+        if not grid.cells:  # no run of this setting succeeded: show where they failed
             parts += ["### Runs", "", markdown_table(grid, ""), ""]
-        for metric, title in metrics_of(grid):
-            parts += [f"### {title} — `{metric}`", "", markdown_table(grid, metric), ""]
+        lead, written = lead_sections(grid, out_dir)
+        parts += lead
+        files += written
+        for metric, title in defense_metrics(grid):
+            columns = grid.columns_of(metric)
+            parts += [f"### {title} — `{metric}`", "", markdown_table(grid, metric, columns), ""]
             name = f"{slug(grid.setting)}__{slug(metric)}"
             csv_path = out_dir / "tables" / f"{name}.csv"
-            write_csv_table(grid, metric, csv_path)
-            files += [csv_path, heatmap(grid, metric, title, out_dir / "heatmaps" / f"{name}.png")]
+            write_csv_table(grid, metric, csv_path, columns)
+            files += [csv_path, heatmap(grid, metric, title, out_dir / "heatmaps" / f"{name}.png", columns)]
     if trade:
         parts += ["## Efficacy-specificity trade-off (poisoning rate swept)", "",
                   "| setting | attack | poisoning rates (CAD <= 3) | AUC |", "|---|---|---|---:|"]

@@ -28,6 +28,9 @@ class Record:
     error: dict[str, Any] | None = None
     #: (key, title) of the metrics the run's attack, defense and analyses declared for the report's tables
     headline: list[tuple[str, str]] = field(default_factory=list)
+    #: which metrics answer "does the defense work" (:class:`bdlab.defenses.base.Residual`); empty in files
+    #: written before runs recorded it
+    residual: dict[str, Any] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -63,7 +66,7 @@ def read_record(path: Path) -> Record:
     headline = [(str(key), str(title)) for key, title in payload.get("headline") or []]
     return Record(path, str(payload["status"]), str(payload["dataset"]), str(payload["model"]),
                   str(payload["attack"]), str(payload["defense"]), seed, dict(payload["metrics"]),
-                  dict(payload["config"] or {}), payload.get("error"), headline)
+                  dict(payload["config"] or {}), payload.get("error"), headline, dict(payload.get("residual") or {}))
 
 
 def collect(paths: list[Path]) -> Collection:

@@ -14,12 +14,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bdlab.reporting.collect import Record
+from bdlab.reporting.residual import number, residual_values
 
 # config keys that never tell two experiments apart: seeds (averaged over), paths, devices, display
 _IGNORED_LEAVES = {"seed", "split_seed", "cache_dir", "root", "download", "system_dir", "enable_progress_bar",
                    "log_every_n_steps", "devices"}
 _IGNORED_TOP = {"logger", "hydra", "data_dir", "cache_dir", "seed"}
 _GROUPS = ("dataset", "model", "attack", "defense")
+#: namespaces of the metrics that describe the attack (its trojaned model against the clean reference, its
+#: poisoned inputs), not a defense: the same under every defense of a row, so the report shows them once per attack
+ATTACK_NAMESPACES = ("clean", "trojan", "attack")
+
+
+def is_attack_metric(key: str) -> bool:
+    """Whether ``key`` is a figure of the attack (see :data:`ATTACK_NAMESPACES`), not of a defense."""
+    return key.split("/", 1)[0] in ATTACK_NAMESPACES
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -104,9 +113,9 @@ class Cell:
         return statistics.fmean(self.values) if self.values else math.nan
 
     @property
-    def std(self) -> float:
-        """Sample standard deviation over seeds (0 for a single seed)."""
-        return statistics.stdev(self.values) if len(self.values) > 1 else 0.0
+    def std(self) -> float | None:
+        """Sample standard deviation over seeds; None for a single seed, which has no spread to show."""
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
 
 
 @dataclass
@@ -120,10 +129,18 @@ class Grid:
     runs: dict[tuple[str, str], list[Record]]
     #: (metric, title) of the tables to draw, as the runs' methods declared them
     headline: list[tuple[str, str]] = field(default_factory=list)
+    #: per column, the metric keys its runs declared
+    declared_by: dict[str, set[str]] = field(default_factory=dict)
+    #: ``attack_cells[metric][row]``: an attack-level metric over the row's seeds, each seed counted once
+    attack_cells: dict[str, dict[str, Cell]] = field(default_factory=dict)
 
     def cell(self, metric: str, row: str, column: str) -> Cell:
         """The cell, empty when no run reported ``metric`` there."""
         return self.cells.get(metric, {}).get((row, column), Cell())
+
+    def columns_of(self, metric: str) -> list[str]:
+        """The columns whose defense declared ``metric``: a defense-specific table leaves out the others."""
+        return [column for column in self.columns if metric in self.declared_by.get(column, set())]
 
 
 def grids(labelled: list[Labelled]) -> list[Grid]:
@@ -144,28 +161,53 @@ def grids(labelled: list[Labelled]) -> list[Grid]:
             for record in records:
                 if not record.ok:
                     continue
-                for metric, value in record.metrics.items():
-                    # NaN is how a run says a metric does not apply to it (e.g. MJS without a fixed trigger mask)
-                    if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value):
-                        cell = cells[metric].setdefault((row, column), Cell())
-                        cell.values.append(float(value))
-                        cell.seeds.append(record.seed)
+                for metric, value in values_of(record).items():
+                    cell = cells[metric].setdefault((row, column), Cell())
+                    cell.values.append(value)
+                    cell.seeds.append(record.seed)
             for metric_cells in cells.values():
                 if (row, column) in metric_cells:
                     metric_cells[row, column].failed = sum(not r.ok for r in records)
                     metric_cells[row, column].runs = len(records)
-        result.append(Grid(setting, rows, columns, dict(cells), dict(runs), declared([i.record for i in items])))
+        declared_by = {column: {key for key, _ in declared([i.record for i in items if i.column == column])}
+                       for column in columns}
+        result.append(Grid(setting, rows, columns, dict(cells), dict(runs), declared([i.record for i in items]),
+                           declared_by, attack_cells(items)))
     return result
+
+
+def values_of(record: Record) -> dict[str, float]:
+    """A run's numeric metrics and its residual figures (:mod:`bdlab.reporting.residual`). NaN is how a run
+    says a metric does not apply to it (e.g. MJS without a fixed trigger mask): left out, so it reads n/a."""
+    values = {key: found for key, value in record.metrics.items() if (found := number(value)) is not None}
+    return {**values, **residual_values(record)}
+
+
+def attack_cells(items: list[Labelled]) -> dict[str, dict[str, Cell]]:
+    """Each attack-level metric of each row over the row's seeds. Every defense of a row sees the same
+    trojaned model, so a seed's runs give one value (their mean, should evaluation differ in the last digit)."""
+    found: dict[tuple[str, str], dict[int | None, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for item in items:
+        if item.record.ok:
+            for metric, value in values_of(item.record).items():
+                if is_attack_metric(metric):
+                    found[metric, item.row][item.record.seed].append(value)
+    cells: dict[str, dict[str, Cell]] = defaultdict(dict)
+    for (metric, row), by_seed in found.items():
+        cells[metric][row] = Cell([statistics.fmean(values) for values in by_seed.values()], list(by_seed))
+    return dict(cells)
 
 
 def declared(records: list[Record]) -> list[tuple[str, str]]:
     """The headline metrics the runs' attacks, defenses and analyses declared, in first-seen order;
-    a results file written before runs declared them contributes its metric keys, titled by key."""
-    titles: dict[str, str] = {}
+    a results file written before runs declared them contributes its metric keys, titled by key. A key
+    that categories title differently (``defense/asr``: under a reformation, of a sanitised model) gets
+    all of its titles."""
+    titles: dict[str, dict[str, None]] = {}
     for record in records:
         for key, title in record.headline or [(key, key) for key in sorted(record.metrics)]:
-            titles.setdefault(key, title)
-    return list(titles.items())
+            titles.setdefault(key, {})[title] = None
+    return [(key, " / ".join(named)) for key, named in titles.items()]
 
 
 def _order(name: str) -> tuple[bool, str]:

@@ -1,8 +1,11 @@
-"""The Hydra callback every sweep file registers: refuse a bad grid up front, summarise it at the end.
+"""The Hydra callbacks of grids: every ``-m`` grid is summarised at the end; a sweep file's is also refused
+up front when it is bad.
 
-Before any job starts, each config-group option the grid names must exist and every axis must
-hold at least one value; a problem is one line on stderr and exit 2. After the last job, one
-summary: cells done and failed, models trained and reused, and the report command.
+After the last job of any grid (``conf/config.yaml`` registers :class:`GridSummary`), one summary: cells
+done and failed, models trained and reused, and the report command. A sweep file's grid (``+sweep=``,
+:class:`SweepCallback`, registered by ``conf/sweep/_base.yaml`` in its place) is checked before any job
+starts: each config-group option it names must exist and every axis must hold at least one value; a
+problem is one line on stderr and exit 2.
 """
 
 from __future__ import annotations
@@ -88,8 +91,16 @@ def sweep_summary(sweep_dir: Path) -> str:
             f"report: python -m bdlab.report {sweep_dir}")
 
 
-class SweepCallback(Callback):
-    """Registered by ``sweeps/_base.yaml`` under ``hydra.callbacks``."""
+class GridSummary(Callback):
+    """Registered by ``conf/config.yaml`` under ``hydra.callbacks``: a plain ``-m`` grid ends with the same
+    summary and report command as a sweep file's."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        print(sweep_summary(Path(config.hydra.sweep.dir)))
+
+
+class SweepCallback(GridSummary):
+    """Registered by ``conf/sweep/_base.yaml`` under ``hydra.callbacks``, in :class:`GridSummary`'s place."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = config.hydra.runtime.choices.get("sweep")
@@ -103,6 +114,3 @@ class SweepCallback(Callback):
             print(f"bdlab: invalid sweep: {problem}", file=sys.stderr)
         if problems:
             sys.exit(2)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        print(sweep_summary(Path(config.hydra.sweep.dir)))

@@ -16,6 +16,7 @@ from pytorch_lightning.loggers import Logger
 from torch import nn
 
 from bdlab.errors import ConfigError, build
+from bdlab.training.progress import EpochLog, is_terminal
 
 # Lightning's accepted `precision` values (https://lightning.ai/docs/pytorch/stable/common/trainer.html#precision)
 PRECISIONS = ("transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true", "bf16-mixed",
@@ -155,8 +156,14 @@ class TrainingRecipe:
                                    trainer={**self.trainer, "max_epochs": max_epochs})
 
     def make_trainer(self, loggers: list[Logger] | bool = False, **overrides: Any) -> pl.Trainer:
-        """A Lightning trainer from the ``trainer`` config group (no checkpoints: the cache stores models)."""
+        """A Lightning trainer from the ``trainer`` config group (no checkpoints: the cache stores models).
+
+        Lightning's progress bar only on a terminal (``trainer.enable_progress_bar``, default true); elsewhere,
+        or with the bar off, one log line per epoch (:class:`~bdlab.training.progress.EpochLog`)."""
         kwargs = {**self.trainer, **overrides}
+        if not (kwargs.get("enable_progress_bar", True) and is_terminal()):
+            kwargs["enable_progress_bar"] = False
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), EpochLog()]
         return pl.Trainer(logger=loggers, enable_checkpointing=False, enable_model_summary=False, **kwargs)
 
     def configure_optimizers(self, parameters: Any) -> Any:

@@ -27,8 +27,14 @@ from torch import Tensor
 
 from bdlab.attacks.base import Attack, NoAttack
 from bdlab.datasets.base import DatasetSplits, ImageSet
-from bdlab.defenses.base import ARD, DEFENSE_CAD, Defense
-from bdlab.defenses.input_filtering.base import FILTER_METRICS, check_filter_settings, detection_rates, filter_inputs
+from bdlab.defenses.base import ARD, DEFENSE_CAD, Defense, Residual
+from bdlab.defenses.input_filtering.base import (
+    FILTER_METRICS,
+    FILTER_RESIDUAL,
+    check_filter_settings,
+    detection_rates,
+    filter_inputs,
+)
 from bdlab.errors import ConfigError
 from bdlab.evaluate import defense_effect, evaluate, predict
 from bdlab.models.classifier import LOGITS, PENULTIMATE, Classifier
@@ -66,6 +72,8 @@ class DataFilteringDefense(Defense):
         ARD,
         DEFENSE_CAD,
     )
+    # the kept samples train the model that is deployed: its ASR is what the attack keeps (n/a without retraining)
+    residual = Residual("ASR of the model retrained on the kept samples", asr="defense/asr", cost="defense/cad")
     #: whether :meth:`detect` compares against held-out clean features (see :meth:`clean_reference`)
     needs_clean_reference = False
     #: the settings that decide how much is removed, named when the decision removes everything
@@ -78,11 +86,14 @@ class DataFilteringDefense(Defense):
             raise ConfigError("defense.mode", f"got {mode!r}, must be one of {list(MODES)}")
         self.mode, self.retrain, self.fpr, self.max_inputs, self.seed = mode, retrain, fpr, max_inputs, seed
         if mode == "inference":
-            self.category, self.headline_metrics = "input_filtering", FILTER_METRICS
+            self.category, self.headline_metrics, self.residual = "input_filtering", FILTER_METRICS, FILTER_RESIDUAL
         else:
             self.headline_metrics = self.training_data_metrics
 
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
+        if self.mode == "train_data" and not attack.trains:
+            raise ConfigError("defense.mode", f"{self.name} filters the training set, and a given model comes "
+                              "without one; set defense.mode=inference to filter test inputs instead")
         if self.mode == "train_data" and self.retrain and isinstance(attack, NoAttack):
             raise ConfigError("defense.retrain", "retraining on the kept samples needs a poisoned training set, and "
                               "attack=none has none; pick an attack or set defense.retrain=false")
@@ -116,6 +127,7 @@ class DataFilteringDefense(Defense):
             is_poison = torch.zeros(len(train), dtype=torch.bool)
         else:
             is_poison = train.is_poison
+        log.info("%s: scoring %d training samples by their penultimate features", self.name, len(train))
         features, _ = penultimate_features(context.trojan_model(), train.images)
         scores, flags = self.detect(features, train.labels, self.clean_reference(context))
         metrics: dict[str, Any] = {**detection_rates(flags[~is_poison], scores[~is_poison], flags[is_poison],

@@ -33,7 +33,7 @@ from pytorch_lightning.loggers import WandbLogger
 from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc
 
-from bdlab.defenses.base import ART_INPUT, TPR, Defense
+from bdlab.defenses.base import ART_INPUT, TPR, Defense, Residual
 from bdlab.errors import ConfigError, check_range
 from bdlab.evaluate import evaluate
 from bdlab.metrics import percent
@@ -42,6 +42,19 @@ from bdlab.services import RunServices
 log = logging.getLogger(__name__)
 
 HISTOGRAM_FILE = "score_histogram.png"
+#: held-out clean scores wanted above the threshold: with fewer, the FPR it is set to is a coarse estimate
+MIN_ABOVE_THRESHOLD = 10
+
+
+def check_held_out_size(held_out: int, fpr: float, name: str) -> None:
+    """Warn when ``held_out`` clean scores are too few to resolve ``fpr``: the threshold leaves
+    ``floor(fpr * n)`` of them above it, and below :data:`MIN_ABOVE_THRESHOLD` the FPR reached on new inputs
+    can be far from the target (below ``1 / fpr`` it is the largest score, a target of 0%)."""
+    needed = math.ceil(MIN_ABOVE_THRESHOLD / fpr)
+    if held_out < needed:
+        log.warning("%s: the held-out clean split has %d images, so the %g%% FPR threshold rests on %d of them; "
+                    "the FPR on test inputs may be far from %g%%: raise dataset.defense_fraction to hold out at "
+                    "least %d", name, held_out, 100 * fpr, math.floor(fpr * held_out), 100 * fpr, needed)
 
 
 def threshold_at_fpr(clean_scores: Tensor, fpr: float) -> float:
@@ -133,6 +146,9 @@ def filter_inputs(context: RunServices, scores: Callable[[RunServices, Tensor], 
     if poisoned is not None:
         poisoned = poisoned.subset(subsample(len(poisoned), max_inputs, seed + 1))
     parts = [context.data.defense.images, clean.images] + ([poisoned.images] if poisoned is not None else [])
+    check_held_out_size(len(context.data.defense), fpr, name)
+    log.info("%s: scoring %d inputs: %s", name, sum(map(len, parts)), ", ".join(
+        f"{len(part)} {kind}" for part, kind in zip(parts, ("held-out clean", "clean test", "poisoned test"))))
     started = time.perf_counter()
     all_scores = scores(context, torch.cat(parts)).float().cpu()
     elapsed = time.perf_counter() - started
@@ -164,6 +180,9 @@ def filter_inputs(context: RunServices, scores: Callable[[RunServices, Tensor], 
 #: the headline metrics of an input filter (also of a data filter in ``inference`` mode)
 FILTER_METRICS = (TPR, ("defense/fpr", "Input filtering: FPR (%)"), ("defense/roc_auc", "Input filtering: ROC-AUC"),
                   ART_INPUT)
+#: what answers "does it work" for a filter of inputs (also a data filter in ``inference`` mode)
+FILTER_RESIDUAL = Residual("ASR after rejection (a flagged poisoned input is a failed attack)",
+                           asr="defense/asr_after_rejection", cost="defense/acc_cost")
 
 
 class InputFilteringDefense(Defense):
@@ -180,6 +199,7 @@ class InputFilteringDefense(Defense):
 
     category = "input_filtering"
     headline_metrics = FILTER_METRICS
+    residual = FILTER_RESIDUAL
 
     def __init__(self, fpr: float = 0.05, max_inputs: int | None = None, seed: int = 0) -> None:
         check_filter_settings(fpr, max_inputs)

@@ -15,6 +15,7 @@ defense runs, so a run is reproducible.
 
 from __future__ import annotations
 
+import logging
 import time
 from abc import abstractmethod
 from typing import Any
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from bdlab.attacks.base import Attack
 from bdlab.datasets.base import DatasetSplits
-from bdlab.defenses.base import ARD, DEFENSE_CAD, Defense
+from bdlab.defenses.base import ARD, DEFENSE_CAD, Defense, Residual
 from bdlab.errors import ConfigError, check_range
 from bdlab.evaluate import EVAL_BATCH, Transform, defense_effect, evaluate, model_device
 from bdlab.models.classifier import Classifier
@@ -41,6 +42,8 @@ from bdlab.transforms import (
     shrink_pad,
 )
 
+log = logging.getLogger(__name__)
+
 
 class InputReformation(Defense):
     """Base of the input-reformation defenses: subclasses define the batched ``transform``.
@@ -56,6 +59,7 @@ class InputReformation(Defense):
         ARD,
         DEFENSE_CAD,
     )
+    residual = Residual("ASR on reformed inputs", asr="defense/asr", cost="defense/cad")
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -72,11 +76,12 @@ class InputReformation(Defense):
     def run(self, context: RunServices) -> dict[str, Any]:
         self.generator = make_generator(self.seed, model_device(context.trojan_model()))
         model, transform, batch_size = self.defended(context.trojan_model())
+        count = len(context.data.test) + (len(context.poisoned_test) if context.poisoned_test is not None else 0)
+        log.info("%s: evaluating the trojaned model on %d reformed test inputs (clean and poisoned)", self.name, count)
         started = time.perf_counter()
         after = evaluate(model, context.data.test, context.poisoned_test, context.attack.target_class, transform,
                          batch_size)
         elapsed = time.perf_counter() - started
-        count = len(context.data.test) + (len(context.poisoned_test) if context.poisoned_test is not None else 0)
         metrics = defense_effect(context.undefended, after)
         metrics["defense/time_per_input_ms"] = 1000.0 * elapsed / count
         return metrics

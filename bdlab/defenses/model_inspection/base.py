@@ -30,6 +30,7 @@ measured when it ran) and its recovered triggers are drawn in ``inspection_<mode
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import abstractmethod
 from dataclasses import dataclass, field
@@ -44,12 +45,14 @@ from torchvision.utils import save_image
 
 from bdlab.attacks.base import Attack, NoAttack
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
-from bdlab.defenses.base import AIV, ART_MODEL, MJS, MLN, Defense
+from bdlab.defenses.base import AIV, ART_MODEL, MJS, MLN, Defense, Residual
 from bdlab.errors import ConfigError, check_at_least
 from bdlab.evaluate import evaluate
 from bdlab.inversion.engine import EpochScheduler, InversionEngine, InversionMethod, Schedule, Trigger
 from bdlab.inversion.methods import LEVEL, changed_pixels
 from bdlab.services import RunServices
+
+log = logging.getLogger(__name__)
 
 MAD_SCALE = 1.4826  # Neural Cleanse's consistency constant: 1.4826 MAD estimates a normal's standard deviation
 SIDES = ("low", "high", "both")
@@ -156,6 +159,9 @@ class ModelInspection(Defense):
         ("defense/trigger_asr", "Model inspection: held-out ASR of the target's recovered trigger (%)"),
         ART_MODEL,
     )
+    # an inspector changes no model, so no ASR is left and no accuracy is lost: its verdict on the target is the answer
+    residual = Residual("target class flagged or missed, with its AIV", flagged="defense/target_flagged",
+                        aiv="defense/aiv_target")
     suspicious = "low"
     recovers_trigger = True
 
@@ -221,14 +227,19 @@ class ModelInspection(Defense):
         """Inspect the trojaned model and the clean reference (the same model without an attack), report
         both and the target's metrics, and draw the recovered triggers."""
         data = context.data
+        log.info("%s: inspecting the trojaned model (and the clean reference): a score for each of %d classes from "
+                 "%d held-out images", self.name, data.num_classes, self.optimisation_images)
         trojan = self.inspect(context.trojan_model(), data, context, context.trojan_key())
-        clean = self.inspect(context.clean_model(), data, context, context.clean_key()) if context.has_attack() \
-            else trojan
+        clean = trojan if not context.has_attack() else \
+            self.inspect(context.clean_model(), data, context, context.clean_key()) if context.has_clean_reference() \
+            else None
         metrics = inspection_metrics(trojan, "defense/", context.attack)
-        metrics.update(inspection_metrics(clean, "defense/clean_"))
+        # a given model without a clean reference: the clean model's figures are not applicable
+        metrics.update(inspection_metrics(clean, "defense/clean_") if clean is not None else
+                       {"defense/clean_aiv_max": math.nan, "defense/clean_flagged": math.nan})
         _, evaluation = self.splits(data)
         for name, inspection in (("trojan", trojan), ("clean", clean)):
-            if inspection.trigger is not None:
+            if inspection is not None and inspection.trigger is not None:
                 path = Path(context.output_dir) / f"inspection_{name}.png"
                 draw_recovered_triggers(inspection.trigger, evaluation, path)
         return metrics
@@ -261,7 +272,7 @@ def inspection_metrics(inspection: InspectionResult, prefix: str, attack: Attack
     if attack is None:
         return metrics
     metrics.update({f"defense/{key}": math.nan for key in TARGET_KEYS})
-    if isinstance(attack, NoAttack):
+    if isinstance(attack, NoAttack) or not attack.known_target:
         return metrics
     target, true_mask = attack.target_class, attack.trigger_mask
     metrics["defense/aiv_target"] = float(inspection.aiv[target])

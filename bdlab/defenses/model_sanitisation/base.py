@@ -12,13 +12,14 @@ neuron separation ratio, :mod:`bdlab.nsr`; the trojaned model's is ``trojan/nsr`
 from __future__ import annotations
 
 import copy
+import logging
 from abc import abstractmethod
 from typing import Any
 
 import torch
 
 from bdlab.datasets.base import ImageSet
-from bdlab.defenses.base import ARD, ART_MODEL, DEFENSE_CAD, DEFENSE_NSR, Defense
+from bdlab.defenses.base import ARD, ART_MODEL, DEFENSE_CAD, DEFENSE_NSR, Defense, Residual
 from bdlab.evaluate import defense_effect, evaluate
 from bdlab.models.classifier import Classifier
 from bdlab.nsr import NSRSettings
@@ -26,6 +27,8 @@ from bdlab.services import RunServices
 from bdlab.training.augment import TrainAugment
 from bdlab.training.fit import fit_classifier
 from bdlab.training.recipe import TrainingRecipe
+
+log = logging.getLogger(__name__)
 
 
 def fine_tune(model: Classifier, train: ImageSet, recipe: TrainingRecipe, epochs: int, lr: float,
@@ -47,6 +50,7 @@ class ModelSanitization(Defense):
         ART_MODEL,
         DEFENSE_NSR,
     )
+    residual = Residual("ASR of the sanitised model", asr="defense/asr", cost="defense/cad")
 
     @abstractmethod
     def sanitize(self, model: Classifier, context: RunServices) -> dict[str, Any]:
@@ -62,6 +66,7 @@ class ModelSanitization(Defense):
         reports: dict[str, Any] = {}
 
         def build() -> dict[str, torch.Tensor]:
+            log.info("%s: sanitising the trojaned model", self.name)
             reports.update(self.sanitize(model, context))
             extra = {f"report/{key}": torch.tensor(float(value)) for key, value in reports.items()}
             return {**{f"model/{k}": v for k, v in model.state_dict().items()}, **extra}
