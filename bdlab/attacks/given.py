@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -37,11 +39,11 @@ class GivenModel(Attack):
     trains = False
 
     def __init__(self, target_class: int | None = None, trigger: str | None = None,
-                 trigger_args: dict[str, Any] | None = None, clean_weights: str | None = None, seed: int = 0) -> None:
+                 trigger_args: Mapping[str, Any] = MappingProxyType({}), clean_weights: str | None = None, seed: int = 0) -> None:
         super().__init__(poison_rate=1.0, target_class=-1 if target_class is None else target_class, seed=seed)
         self.known_target = target_class is not None
         self.trigger, self.clean_weights = trigger, clean_weights
-        self.trigger_args = dict(trigger_args or {})
+        self.trigger_args = dict(trigger_args)
         if self.trigger is None and self.trigger_args:
             raise ConfigError("attack.trigger_args", "set without attack.trigger; name the trigger they change")
         if self.trigger is not None and not self.known_target:
