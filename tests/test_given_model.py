@@ -136,6 +136,7 @@ BAD_WEIGHTS = [
     (["model.weights={w}/lenet.pt", "attack.trigger=badnets", "attack.target_class=0",
       "+attack.trigger_args.patch_sise=4"], "attack.trigger_args.patch_sise", "no such field"),
     (["model.weights={w}/lenet.pt", "defense=spectral_signature"], "defense.mode", "inference"),
+    (["model.weights={w}/lenet.pt", "analysis=shrink_ablation"], "analysis.shrink_ablation", "attack.trigger"),
     ([], "model.weights", "set model.weights=PATH"),
 ]
 

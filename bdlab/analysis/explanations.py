@@ -12,7 +12,7 @@ from torch import Tensor
 
 from bdlab.analysis.base import Analysis
 from bdlab.analysis.common import evaluation_images, save_figure, write_table
-from bdlab.attacks.base import Attack, NoAttack
+from bdlab.attacks.base import Attack
 from bdlab.attribution import (
     attribute,
     attribution_distance,
@@ -47,8 +47,9 @@ def _local_mask(attack: Attack) -> Tensor | None:
 
 
 def _refuse_no_attack(field: str, attack: Attack) -> None:
-    if isinstance(attack, NoAttack):
-        raise ConfigError(field, "explains clean and triggered inputs; attack=none has no trigger")
+    if not attack.has_poisoned_test:
+        raise ConfigError(field, "explains clean and triggered inputs; attack=none (or attack=given without "
+                          "attack.trigger) has no trigger")
 
 
 def plot_grid(context: RunServices, name: str, file: str, rows: list[tuple[str, Tensor, bool]], title: str,

@@ -7,7 +7,7 @@ from typing import Any
 
 from bdlab.analysis.common import error_rate, evaluation_images, on_trojan
 from bdlab.analysis.transform_study import TransformStudy, run_study
-from bdlab.attacks.base import Attack, NoAttack
+from bdlab.attacks.base import Attack
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import ConfigError
 from bdlab.services import RunServices
@@ -42,8 +42,9 @@ class ImageTransform(TransformStudy):
 
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
         field = f"analysis.{self.name}"
-        if isinstance(attack, NoAttack):
-            raise ConfigError(field, "measures an attack's ASR; attack=none has none")
+        if not attack.has_poisoned_test:
+            raise ConfigError(field, "measures an attack's ASR; attack=none (or attack=given without attack.trigger) "
+                              "has none")
         for factor in self.scales:
             if round(min(data.size) * factor) < 1:
                 raise ConfigError(f"{field}.scales", f"{factor} shrinks the {data.size} image to nothing")

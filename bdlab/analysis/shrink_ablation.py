@@ -8,7 +8,7 @@ import matplotlib.pyplot as plt
 
 from bdlab.analysis.base import Analysis
 from bdlab.analysis.common import on_trojan, save_figure, write_table
-from bdlab.attacks.base import Attack, NoAttack
+from bdlab.attacks.base import Attack
 from bdlab.datasets.base import DatasetSplits
 from bdlab.errors import ConfigError
 from bdlab.services import RunServices
@@ -35,8 +35,9 @@ class ShrinkAblation(Analysis):
             raise ConfigError("analysis.shrink_ablation.sizes", "give at least one shrink size")
 
     def setup(self, data: DatasetSplits, attack: Attack) -> None:
-        if isinstance(attack, NoAttack):
-            raise ConfigError("analysis.shrink_ablation", "measures an attack's ASR; attack=none has none")
+        if not attack.has_poisoned_test:
+            raise ConfigError("analysis.shrink_ablation", "measures an attack's ASR; attack=none (or attack=given "
+                              "without attack.trigger) has none")
         for size in self.sizes:
             check_shrink("analysis.shrink_ablation.sizes", size, data.size)
 
