@@ -2,7 +2,7 @@
 
 The pipeline (clean and trojaned models), every defense protocol (reformed inputs, sanitised
 or retrained models) and the analyses (transformed triggers and images) call :func:`evaluate`,
-so each metric of DESIGN.md is computed in one place, from logits, exactly as
+so each metric of docs/metrics.md is computed in one place, from logits, exactly as
 :mod:`bdlab.metrics` defines it.
 """
 

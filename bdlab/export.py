@@ -2,7 +2,8 @@
 ``python -m bdlab.export out=poisoned.safetensors [attack=... dataset=...]``.
 
 The file holds ``images`` (uint8 N,C,H,W), ``labels`` (int64, relabelled), ``is_poison``
-(bool) and the attack config as metadata; :func:`load_poisoned_set` reads it back.
+(bool) and the attack config (and the class names, where the dataset has them) as metadata;
+:func:`load_poisoned_set` reads it back, and ``dataset=tensors dataset.path=<file>`` trains on it.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     poisoned = poisoned_training_set(experiment)
     metadata = {"dataset": experiment.data.name, "attack": experiment.attack.name,
                 "attack_config": json.dumps(OmegaConf.to_container(cfg.attack, resolve=True))}
+    if experiment.data.class_names is not None:
+        metadata["class_names"] = json.dumps(list(experiment.data.class_names))
     save_poisoned_set(poisoned, out, metadata)
     print(f"wrote {out}: {len(poisoned)} images, {int(poisoned.is_poison.sum())} poisoned")
     return 0

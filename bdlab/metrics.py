@@ -1,4 +1,4 @@
-"""The metrics of DESIGN.md, each computed from logits exactly as its definition says.
+"""The metrics of docs/metrics.md, each computed from logits exactly as its definition says.
 
 Rates (ACC, ASR, CAD, ARD, TPR, FPR) are in percent, as the papers' tables print them;
 confidences (TMC, CCC) are probabilities in [0, 1].

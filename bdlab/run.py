@@ -24,6 +24,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
+from bdlab import plugins
 from bdlab.compose import CONFIG_DIR
 from bdlab.console import quiet_third_party
 from bdlab.errors import ConfigError, build, check_config
@@ -91,6 +92,7 @@ def run_experiment(cfg: DictConfig, output_dir: Path, group: str | None = None) 
             "status": "ok",
             **names,
             "seed": experiment.recipe.seed,
+            "class_names": experiment.data.class_names,  # null: the dataset names none; classes are its indices
             "metrics": outcome["metrics"],
             "headline": [list(item) for item in experiment.headline_metrics()],
             "residual": experiment.defense.residual.record(),
@@ -105,8 +107,10 @@ def run_experiment(cfg: DictConfig, output_dir: Path, group: str | None = None) 
         write_json_atomic(output_dir / RESULTS_FILE, results)
         for logger in loggers:
             logger.log_metrics({k: v for k, v in outcome["metrics"].items() if isinstance(v, (int, float))})
-        media = save_trigger_examples(experiment.attack, experiment.data.test, output_dir)
-        media.update(save_poisoned_examples(experiment.data.train, outcome["poisoned_train"], output_dir))
+        class_names = experiment.data.class_names
+        media = save_trigger_examples(experiment.attack, experiment.data.test, output_dir, class_names=class_names)
+        media.update(save_poisoned_examples(experiment.data.train, outcome["poisoned_train"], output_dir,
+                                            class_names=class_names))
         # plots that defenses and analyses wrote into the run directory go to the dashboard too
         media.update({f"media/{png.stem}": png for png in sorted(output_dir.glob("*.png"))})
         log_images(loggers, media)
@@ -209,6 +213,12 @@ def composition_error(error: ConfigCompositionException) -> ConfigError:
 def cli() -> None:
     """:func:`main`, with Hydra's composition errors (an unknown option, file or field) as one line, exit 2."""
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra raises them instead of printing many lines and exiting 1
+    try:
+        plugins.plugin_searchpath()  # BDLAB_PLUGINS: the packages import; their conf/ joins the search path
+    except ConfigError as error:
+        print(f"bdlab: invalid config: {error}", file=sys.stderr)
+        sys.exit(2)
+    plugins.install()
     try:
         main()
     except ConfigCompositionException as error:

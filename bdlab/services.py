@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # config keys that say where things live, not what they are: never part of a cache key
-_LOCATION_KEYS = ("root", "download", "system_dir", "cache_dir")
+_LOCATION_KEYS = ("root", "download", "system_dir", "cache_dir", "path")
 MODEL_PREFIX, ATTACK_PREFIX = "model/", "attack/"
 SECONDS = "_build_seconds"
 
@@ -87,15 +87,16 @@ def weights_digest(path: str) -> str:
     return _digest_of(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
-def model_spec(cfg: DictConfig, with_attack: bool) -> dict[str, Any]:
-    """Exactly the config that determines a trained model (never the defense, logger or paths)."""
+def model_spec(cfg: DictConfig, with_attack: bool, fingerprint: str | None = None) -> dict[str, Any]:
+    """Exactly the config that determines a trained model (never the defense, logger or paths); ``fingerprint``
+    is the dataset's (:attr:`DatasetSplits.fingerprint`), for own data whose files its config only locates."""
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     recipe = {"max_epochs": trainer.get("max_epochs"), "precision": trainer.get("precision")}
     processes = training_processes(trainer)
     if processes > 1:  # DDP: each step sees processes x batch_size images, so the model differs
         recipe["processes"] = processes
     return {
-        "dataset": _without_locations(cfg.dataset),
+        "dataset": {**_without_locations(cfg.dataset), **({"content": fingerprint} if fingerprint else {})},
         "model": model_options(cfg),
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
         "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
@@ -260,7 +261,7 @@ class RunServices:
         return self
 
     def clean_spec(self, seed: int | None = None) -> dict[str, Any]:
-        spec = model_spec(self.cfg, with_attack=False)
+        spec = model_spec(self.cfg, with_attack=False, fingerprint=self.data.fingerprint)
         return spec if seed is None else {**spec, "seed": int(seed)}
 
     def clean_key(self, seed: int | None = None) -> str:
@@ -333,7 +334,8 @@ class RunServices:
             return self.clean_key()
         if not self.attack.trains:
             self.trojan_model()
-        return self._given.get("trojan") or spec_hash(model_spec(self.cfg, with_attack=True))
+        return self._given.get("trojan") or \
+            spec_hash(model_spec(self.cfg, with_attack=True, fingerprint=self.data.fingerprint))
 
     def trojan_model(self) -> Classifier:
         """The trojaned model with its attack's learned state restored: from the cache, or trained (the
@@ -349,7 +351,7 @@ class RunServices:
             self.artifacts["trojan_model"] = {"path": str(self.cfg.model.weights), "reused": True}
         if self._trojan is None:
             attack = self.attack
-            spec = model_spec(self.cfg, with_attack=True)
+            spec = model_spec(self.cfg, with_attack=True, fingerprint=self.data.fingerprint)
             model = attack.model_shell(self.new_model())
             expected = {MODEL_PREFIX + k for k in model.state_dict()} | {ATTACK_PREFIX + k for k in attack.state_dict()}
 

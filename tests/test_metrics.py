@@ -1,4 +1,4 @@
-"""Each metric on hand-built predictions, against its DESIGN.md definition."""
+"""Each metric on hand-built predictions, against its docs/metrics.md definition."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The attack base class: seeded poison indices, batched stamping, relabelling, poisoned sets, and the
-seams through which an attack changes training (DESIGN.md "Seams")."""
+seams through which an attack changes training (docs/extending.md)."""
 
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class PoisonedSet(ImageSet):
 
 
 class Attack(TrainingHooks, ABC):
-    """Base of every attack (TrojanZoo's taxonomy; DESIGN.md "Attack").
+    """Base of every attack (TrojanZoo's taxonomy; docs/extending.md).
 
     Args:
         poison_rate: fraction of the training set replaced by poisoned samples, drawn from

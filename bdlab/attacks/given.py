@@ -11,9 +11,9 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from bdlab.attacks.base import Attack
-from bdlab.compose import CONFIG_DIR
 from bdlab.datasets.base import DatasetSplits, ImageSet
 from bdlab.errors import ConfigError, build
+from bdlab.plugins import group_options, load_option
 from bdlab.services import RunServices
 
 
@@ -52,12 +52,11 @@ class GivenModel(Attack):
         self.stamper: Attack | None = self._stamper() if self.trigger is not None else None
 
     def _stamper(self) -> Attack:
-        path = CONFIG_DIR / "attack" / f"{self.trigger}.yaml"
-        if self.trigger in ("given", "none") or not path.is_file():
-            options = sorted(p.stem for p in path.parent.glob("*.yaml") if p.stem not in ("given", "none"))
+        node = load_option("attack", str(self.trigger)) if self.trigger not in ("given", "none") else None
+        if node is None:
+            options = [o for o in group_options("attack") or [] if o not in ("given", "none")]
             raise ConfigError("attack.trigger", f"no attack option {self.trigger!r}; name one of {', '.join(options)}")
-        node = OmegaConf.merge(OmegaConf.load(path), self.trigger_args,
-                               {"target_class": self.target_class, "seed": self.seed})
+        node = OmegaConf.merge(node, self.trigger_args, {"target_class": self.target_class, "seed": self.seed})
         node.pop("defaults", None)
         return build(node, path="attack.trigger_args")
 

@@ -68,7 +68,10 @@ class DatasetSplits:
     """Everything a run needs from a dataset.
 
     ``defense`` is the held-out clean split that defenses may use; it is disjoint from
-    ``test``, on which every metric is evaluated.
+    ``test``, on which every metric is evaluated. ``class_names`` (default None: the class
+    indices) label tables and pictures. ``fingerprint`` (default None) is a digest of the
+    files a dataset read where its config does not determine its images (your own data):
+    every model's cache key includes it, so changed files mean new models.
     """
 
     name: str
@@ -80,6 +83,12 @@ class DatasetSplits:
     std: tuple[float, ...]
     crop_padding: int = 0
     hflip: bool = False
+    class_names: tuple[str, ...] | None = None
+    fingerprint: str | None = None
+
+    def class_name(self, label: int) -> str:
+        """The name of class ``label`` (its index where the dataset names none)."""
+        return self.class_names[label] if self.class_names is not None else str(label)
 
     @property
     def channels(self) -> int:
@@ -113,6 +122,10 @@ class ImageDataset(ABC):
     """
 
     name: str = "dataset"
+    #: the class names, where the dataset has them (own data: read from the files by ``load_raw``)
+    class_names: tuple[str, ...] | None = None
+    #: the digest of the files ``load_raw`` read, where the config alone does not determine the images
+    fingerprint: str | None = None
 
     def __init__(self, root: str | Path = "data", defense_fraction: float = 0.05, split_seed: int = 0,
                  crop_padding: int = 0, hflip: bool = False, download: bool = True) -> None:
@@ -139,12 +152,32 @@ class ImageDataset(ABC):
         train, test = self.load_raw()
         generator = torch.Generator().manual_seed(self.split_seed)
         order = torch.randperm(len(test), generator=generator)
-        n_defense = max(1, int(round(self.defense_fraction * len(test))))
+        n_defense = max(1, round(self.defense_fraction * len(test)))
+        if n_defense >= len(test):
+            raise ConfigError("dataset.defense_fraction", f"the test set has {len(test)} image(s): too few to hold "
+                              f"out {n_defense} for defenses and keep some to evaluate on; give more test images")
         mean, std = channel_stats(train.images)
         return DatasetSplits(
             name=self.name, train=train, defense=test.subset(order[:n_defense].sort().values),
             test=test.subset(order[n_defense:].sort().values), num_classes=self.num_classes,
-            mean=mean, std=std, crop_padding=self.crop_padding, hflip=self.hflip)
+            mean=mean, std=std, crop_padding=self.crop_padding, hflip=self.hflip, class_names=self.class_names,
+            fingerprint=self.fingerprint)
+
+
+def split_by_fraction(images: ImageSet, fraction: float, seed: int, field: str) -> tuple[ImageSet, ImageSet]:
+    """``(train, test)``: ``fraction`` of each class's images, drawn with ``seed``, go to the test set. Stratified,
+    so every class keeps its share on both sides however few images it has; ``field`` names the fraction in the
+    error when the test set would be too small to split further (defense and evaluation images)."""
+    generator = torch.Generator().manual_seed(seed)
+    is_test = torch.zeros(len(images), dtype=torch.bool)
+    for label in images.labels.unique().tolist():
+        members = (images.labels == label).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        is_test[members[:round(fraction * len(members))]] = True
+    if int(is_test.sum()) < 2:
+        raise ConfigError(field, f"got {fraction}: it holds out {int(is_test.sum())} of {len(images)} images for "
+                          "testing, and at least 2 are needed; raise it or give a separate test split")
+    return images.subset(~is_test), images.subset(is_test)
 
 
 def missing_files_error(name: str, root: Path, what: str) -> ConfigError:

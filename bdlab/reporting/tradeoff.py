@@ -2,7 +2,7 @@
 
 Each poisoning rate gives a trojaned model with a CAD (specificity cost) and an ASR (efficacy).
 As in the paper, points with CAD above 3 points are dropped (the attack is bounded to CAD <= 3%),
-then both measures are min-max normalised to [0, 1]. The AUC is bdlab's metric (DESIGN.md):
+then both measures are min-max normalised to [0, 1]. The AUC is bdlab's metric (docs/metrics.md):
 the area under normalised ASR as a function of normalised CAD, by the trapezoidal rule over
 the points sorted by CAD. For a curve rising from (0, 0) to (1, 1) this is 1 minus the area
 under the paper's Figure 5 reading (CAD against ASR), so here a *larger* AUC means a stronger

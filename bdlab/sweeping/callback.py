@@ -22,12 +22,16 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bdlab.compose import CONFIG_DIR
+from bdlab.plugins import group_options, plugin_names
 from bdlab.results import RESULTS_FILE
 
 
-def options(group: str) -> list[str]:
-    """The options of a config group under ``conf/`` (sweep files' own helpers start with ``_``)."""
-    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+def options(group: str, searchpath: Any = ()) -> list[str]:
+    """The options of a config group under ``conf/``, the ``BDLAB_PLUGINS`` packages' and ``searchpath``'s (a
+    config's ``hydra.searchpath``), less sweep files' own helpers (they start with ``_``)."""
+    if not searchpath and not plugin_names():
+        return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
+    return [name for name in group_options(group, searchpath) or [] if not name.rpartition("/")[2].startswith("_")]
 
 
 def grid_overrides(config: DictConfig) -> list[str]:
@@ -48,18 +52,21 @@ def grid_problems(config: DictConfig) -> list[str]:
         overrides = OverridesParser.create().parse_overrides(grid_overrides(config))
     except HydraException as error:
         return [*problems, f"cannot parse the grid: {str(error).splitlines()[0]}"]
+    searchpath = list(config.hydra.get("searchpath") or [])  # hydra.searchpath=[pkg://...] adds options too
     for override in overrides:
         key = override.key_or_group
         group = key.lstrip("+~")
         # a glob (glob(*,exclude=none)) picks among the group's options, as Hydra's sweeper expands it
-        values = override.value().filter(options(group)) if isinstance(override.value(), Glob) else \
+        values = override.value().filter(options(group, searchpath)) if isinstance(override.value(), Glob) else \
             list(override.sweep_string_iterator()) if override.is_sweep_override() else \
             [override.get_value_element_as_str()]
         if not values:
             problems.append(f"the grid axis '{key}' has no values")
-        if key.startswith("hydra") or not (CONFIG_DIR / group).is_dir() or override.is_delete():
+        if key.startswith("hydra") or override.is_delete():
             continue
-        known = options(group)
+        known = options(group, searchpath)
+        if not known and not (CONFIG_DIR / group).is_dir():  # a field (attack.poison_rate), not a group
+            continue
         for value in values:
             if value not in known:
                 problems.append(f"unknown {group} option '{value}' (available: {', '.join(known)})")

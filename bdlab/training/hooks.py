@@ -1,4 +1,4 @@
-"""How a method changes the default training module without writing its own (DESIGN.md, "Seams").
+"""How a method changes the default training module without writing its own (docs/extending.md).
 
 Every attack is a :class:`TrainingHooks`; the defaults change nothing, so an attack that only
 stamps a poisoned set once trains exactly like a clean model. The victim module calls, per batch:

@@ -1,4 +1,4 @@
-"""The input-filtering protocol (DESIGN.md "input filtering"; TrojanZoo §5.3.2, Table 10).
+"""The input-filtering protocol (docs/metrics.md, "Input filtering"; TrojanZoo §5.3.2, Table 10).
 
 A defense gives every incoming input a continuous suspicion score (higher = more suspicious).
 The threshold is the score that leaves a share ``fpr`` (default 0.05) of the held-out clean

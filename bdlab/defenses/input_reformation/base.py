@@ -1,7 +1,7 @@
 """Input-reformation defenses (TrojanZoo's category): every test input is transformed before the
 trojaned model sees it, ``predict(T(x))`` (ShrinkPad paper, Definition 3).
 
-Evaluation protocol (DESIGN.md metrics), under stable keys:
+Evaluation protocol (docs/metrics.md), under stable keys:
 
 - ``defense/acc``, ``defense/ccc``: ACC and CCC of the trojaned model on the transformed clean test set;
 - ``defense/asr``, ``defense/tmc``: ASR and TMC on the transformed poisoned test set;

@@ -1,4 +1,4 @@
-"""The model-inspection protocol (DESIGN.md "model inspection"; TrojanZoo §5.3.3, Tables 11-13).
+"""The model-inspection protocol (docs/metrics.md, "Model inspection"; TrojanZoo §5.3.3, Tables 11-13).
 
 Every inspector (:class:`ModelInspection`) scores each class of a model from held-out clean images,
 and some recover a trigger per class on the way: the trigger-inversion family
@@ -25,14 +25,18 @@ Keys (trojaned model): ``defense/aiv_target``, ``defense/aiv_max``, ``defense/ta
 ``defense/art_s`` and per-class lists ``defense/per_class/{score,aiv,size,pixels,asr,...}``; the clean
 reference's under ``defense/clean_...``. Each model's result is cached under ``inspection/<name>/``
 (keyed by the model's key, the inspector's settings and the held-out images; a re-run reports the ART
-measured when it ran) and its recovered triggers are drawn in ``inspection_<model>.png``.
+measured when it ran), its per-class figures are written, one row per class with its name, to
+``inspection_<model>.csv`` and its recovered triggers are drawn, captioned with the class names, in
+``inspection_<model>.png``.
 """
 
 from __future__ import annotations
 
+import csv
 import logging
 import math
 from abc import abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +45,6 @@ import numpy as np
 import torch
 from scipy.stats import median_abs_deviation
 from torch import Tensor, nn
-from torchvision.utils import save_image
 
 from bdlab.attacks.base import Attack, NoAttack
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
@@ -50,6 +53,7 @@ from bdlab.errors import ConfigError, check_at_least
 from bdlab.evaluate import evaluate
 from bdlab.inversion.engine import EpochScheduler, InversionEngine, InversionMethod, Schedule, Trigger
 from bdlab.inversion.methods import LEVEL, changed_pixels
+from bdlab.media import save_grid
 from bdlab.services import RunServices
 
 log = logging.getLogger(__name__)
@@ -223,6 +227,12 @@ class ModelInspection(Defense):
         return InspectionResult(scores, self.suspicious, anomaly_index(scores), self.flag(scores), seconds,
                                 trigger, success, tensors)
 
+    def inspect_many(self, models: Sequence[nn.Module], data: DatasetSplits, services: RunServices,
+                     model_keys: Sequence[str]) -> list[InspectionResult]:
+        """:meth:`inspect` each of ``models`` (a population scan: same dataset, same held-out images), in order.
+        One model at a time here; an inspector that can stack models of one architecture overrides this."""
+        return [self.inspect(model, data, services, key) for model, key in zip(models, model_keys)]
+
     def run(self, context: RunServices) -> dict[str, Any]:
         """Inspect the trojaned model and the clean reference (the same model without an attack), report
         both and the target's metrics, and draw the recovered triggers."""
@@ -238,10 +248,12 @@ class ModelInspection(Defense):
         metrics.update(inspection_metrics(clean, "defense/clean_") if clean is not None else
                        {"defense/clean_aiv_max": math.nan, "defense/clean_flagged": math.nan})
         _, evaluation = self.splits(data)
-        for name, inspection in (("trojan", trojan), ("clean", clean)):
+        for name, inspection, prefix in (("trojan", trojan, "defense/"), ("clean", clean, "defense/clean_")):
+            if inspection is not None:
+                write_per_class_table(metrics, prefix, data, Path(context.output_dir) / f"inspection_{name}.csv")
             if inspection is not None and inspection.trigger is not None:
                 path = Path(context.output_dir) / f"inspection_{name}.png"
-                draw_recovered_triggers(inspection.trigger, evaluation, path)
+                draw_recovered_triggers(inspection.trigger, evaluation, path, data.class_names)
         return metrics
 
 
@@ -288,17 +300,31 @@ def inspection_metrics(inspection: InspectionResult, prefix: str, attack: Attack
     return metrics
 
 
-def draw_recovered_triggers(trigger: Trigger, images: ImageSet, path: Path) -> Path:
+def write_per_class_table(metrics: dict[str, Any], prefix: str, data: DatasetSplits, path: Path) -> Path:
+    """The per-class lists of ``metrics`` under ``prefix`` as a CSV: one row per class, its index and name first."""
+    lists = {key.removeprefix(f"{prefix}per_class/"): values for key, values in metrics.items()
+             if key.startswith(f"{prefix}per_class/")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["class", "class_name", *lists])
+        writer.writerows([k, data.class_name(k), *(values[k] for values in lists.values())]
+                         for k in range(data.num_classes))
+    return path
+
+
+def draw_recovered_triggers(trigger: Trigger, images: ImageSet, path: Path,
+                            class_names: tuple[str, ...] | None = None) -> Path:
     """One column per class: the recovered footprint (max-normalised) over the trigger stamped on the
-    first of ``images``, 3x enlarged, written as a PNG grid to ``path``."""
+    first of ``images``, 3x enlarged, written as a PNG grid to ``path``; with ``class_names``, each column
+    is captioned with its class."""
     image = to_float(images.images[:1])
     footprint = trigger.footprint / trigger.footprint.flatten(1).amax(1).clamp_min(1e-12)[:, None, None, None]
     stamped = torch.cat([trigger.stamp(image, k) for k in range(len(trigger.mask))])
     rows = torch.cat([footprint.expand(-1, stamped.shape[1], -1, -1), stamped])
     rows = torch.nn.functional.interpolate(rows, scale_factor=3, mode="nearest")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(rows, str(path), nrow=len(trigger.mask), padding=2, pad_value=0.5)
-    return path
+    captions = None if class_names is None else [""] * len(trigger.mask) + list(class_names)
+    return save_grid(rows, path, len(trigger.mask), padding=2, captions=captions)
 
 
 class TriggerInversion(ModelInspection):

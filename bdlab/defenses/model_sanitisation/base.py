@@ -1,4 +1,4 @@
-"""The model-sanitisation protocol (DESIGN.md "model sanitization"; TrojanZoo §5.3.1, Tables 8-9).
+"""The model-sanitisation protocol (docs/metrics.md, "Model sanitisation"; TrojanZoo §5.3.1, Tables 8-9).
 
 A sanitiser returns a new model from the trojaned one. The protocol caches it under its own key
 (the trojaned model's key and the defense's settings, in ``models/sanitized/<name>/``), evaluates

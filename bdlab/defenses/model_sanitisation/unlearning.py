@@ -9,13 +9,13 @@ from hydra.utils import get_object
 from omegaconf import OmegaConf
 
 from bdlab.attacks.base import Attack
-from bdlab.compose import CONFIG_DIR
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float, to_uint8
 from bdlab.defenses.model_inspection.base import ModelInspection
 from bdlab.defenses.model_sanitisation.base import ModelSanitization, fine_tune
 from bdlab.errors import ConfigError, build, check_at_least, check_range
 from bdlab.inversion.engine import Trigger
 from bdlab.models.classifier import Classifier
+from bdlab.plugins import load_option
 from bdlab.services import RunServices
 from bdlab.training.augment import TrainAugment
 
@@ -24,8 +24,9 @@ def build_inspector(node: Any, seed: int = 0) -> ModelInspection:
     """The inspector a defense names in its config: a node (``_target_`` and fields, left uninstantiated by
     ``_recursive_: false``) or a model-inspection option's name (``defense.inspector=abs``: that option's
     config, at ``seed``), refused in one line unless it is a model-inspection defense that recovers triggers."""
-    if isinstance(node, str) and (CONFIG_DIR / "defense" / f"{node}.yaml").is_file():
-        node = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "defense" / f"{node}.yaml"), {"seed": seed})
+    option = load_option("defense", node) if isinstance(node, str) else None
+    if option is not None:
+        node = OmegaConf.merge(option, {"seed": seed})
     target = type(node) if isinstance(node, ModelInspection) else node.get("_target_") if hasattr(node, "get") \
         else node
     try:

@@ -1,0 +1,1 @@
+"""Makes conf/ a package, so Hydra finds it as pkg://bdlab_example_plugin.conf."""
