@@ -1,0 +1,169 @@
+"""A scanner's figures over a population of models, from its verdicts (pure functions; docs/scanning.md).
+
+A scanner *calls* a model trojaned when it flags a class: the model's largest anomaly index on the scanner's
+suspicious side (``aiv_max``) is above its ``aiv_threshold`` (2, Neural Cleanse's rule, Wang et al. S&P 2019
+§IV-C). Over the models whose ground truth is known and whose scan succeeded, per scanner:
+
+- ``accuracy``: % of models called correctly (trojaned as trojaned, clean as clean);
+- ``tpr``: % of trojaned models called trojaned; ``fpr``: % of clean models called trojaned;
+- ``auc``: ROC-AUC of ``aiv_max`` as the score of "trojaned" (torchmetrics' binary AUROC, ties counted half);
+- ``target_flagged``: % of the trojaned models with a known target whose true target is among the flagged classes;
+- ``mean_s``, ``median_s``: seconds per model (as measured when it was scanned, also when cached), and
+  ``models_per_hour`` (3600 / ``mean_s``);
+- counts: ``n_models``, ``n_failed``, ``n_trojaned``, ``n_clean``, ``n_unknown`` (scanned, ground truth unknown).
+
+Failed scans are counted and left out of every rate. A figure without the models it needs (no trojaned model for
+the TPR, only one kind of model for the AUC, no ground truth at all) is NaN, never 0. These are the figures of
+K-Arm (Shen et al., ICML 2021, Tables 1-2) and the Pixel paper (§5.5, Table 8) on TrojAI's rounds.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torchmetrics.functional.classification import binary_auroc, binary_roc
+
+OK, FAILED = "ok", "failed"
+UNKNOWN_FAMILY = "unknown"
+
+
+@dataclass
+class Verdict:
+    """One scanner's verdict on one model, with the model's ground truth (None where unknown).
+
+    ``flagged_classes`` are the classes whose AIV is above ``aiv_threshold`` on the suspicious side; ``aiv_max`` is
+    the largest AIV on that side; ``anomalous_class`` is that class and ``anomalous_score`` the scanner's score of
+    it; ``seconds`` is the scan's running time. A failed scan has ``status`` ``failed``, its ``error``, and NaN
+    figures.
+    """
+
+    name: str
+    scanner: str
+    status: str = OK
+    error: str = ""
+    flagged_classes: list[int] = field(default_factory=list)
+    aiv_max: float = math.nan
+    anomalous_class: int | None = None
+    anomalous_score: float = math.nan
+    aiv_threshold: float = 2.0
+    seconds: float = math.nan
+    cached: bool | None = None
+    trojaned: bool | None = None
+    target_class: int | None = None
+    family: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    @property
+    def called(self) -> bool:
+        """Whether the scanner calls the model trojaned: its largest AIV on the suspicious side is above the
+        threshold (the same as "it flags a class")."""
+        return self.aiv_max > self.aiv_threshold
+
+    @property
+    def target_flagged(self) -> bool | None:
+        """Whether the true target is flagged; None unless the model is trojaned with a known target."""
+        if not self.ok or not self.trojaned or self.target_class is None:
+            return None
+        return self.target_class in self.flagged_classes
+
+
+def percent(hits: int, count: int) -> float:
+    """``100 hits / count``; NaN for no models."""
+    return 100.0 * hits / count if count else math.nan
+
+
+def ranked(scores: Sequence[float]) -> torch.Tensor:
+    """Scores mapped to [0, 1] by rank, ties kept tied: torchmetrics passes scores outside [0, 1] through a
+    sigmoid, which rounds AIVs above ~17 (and infinite ones) to the same 1.0 and so would tie them; ranks keep
+    every order, hence the same ROC curve and AUC."""
+    values = sorted(set(scores))
+    if len(values) == 1:
+        return torch.full((len(scores),), 0.5, dtype=torch.float64)
+    rank = {value: i / (len(values) - 1) for i, value in enumerate(values)}
+    return torch.tensor([rank[score] for score in scores], dtype=torch.float64)
+
+
+def scored(verdicts: Iterable[Verdict]) -> tuple[list[float], list[int]]:
+    """The ``aiv_max`` scores and truths (1 trojaned, 0 clean) of the successful verdicts with ground truth."""
+    known = [v for v in verdicts if v.ok and v.trojaned is not None]
+    return [v.aiv_max for v in known], [int(bool(v.trojaned)) for v in known]
+
+
+def roc_auc(verdicts: Iterable[Verdict]) -> float:
+    """ROC-AUC of ``aiv_max`` (trojaned is the positive class); NaN unless both kinds of model are present."""
+    scores, truth = scored(verdicts)
+    if len(set(truth)) < 2:
+        return math.nan
+    return float(binary_auroc(ranked(scores), torch.tensor(truth)))
+
+
+def roc_curve(verdicts: Iterable[Verdict]) -> tuple[list[float], list[float]] | None:
+    """The ROC curve of ``aiv_max`` as (FPR, TPR) points in [0, 1]; None unless both kinds of model are present."""
+    scores, truth = scored(verdicts)
+    if len(set(truth)) < 2:
+        return None
+    fpr, tpr, _ = binary_roc(ranked(scores), torch.tensor(truth))
+    return fpr.tolist(), tpr.tolist()
+
+
+def population_metrics(verdicts: Sequence[Verdict]) -> dict[str, float | int]:
+    """One scanner's figures over a population (see the module docstring)."""
+    ok = [v for v in verdicts if v.ok]
+    trojaned = [v for v in ok if v.trojaned is True]
+    clean = [v for v in ok if v.trojaned is False]
+    with_target = [v.target_flagged for v in trojaned if v.target_flagged is not None]
+    seconds = [v.seconds for v in ok if math.isfinite(v.seconds)]
+    mean_s = statistics.fmean(seconds) if seconds else math.nan
+    return {
+        "accuracy": percent(sum(v.called for v in trojaned) + sum(not v.called for v in clean),
+                            len(trojaned) + len(clean)),
+        "tpr": percent(sum(v.called for v in trojaned), len(trojaned)),
+        "fpr": percent(sum(v.called for v in clean), len(clean)),
+        "auc": roc_auc(ok),
+        "target_flagged": percent(sum(with_target), len(with_target)),
+        "mean_s": mean_s,
+        "median_s": statistics.median(seconds) if seconds else math.nan,
+        "models_per_hour": 3600.0 / mean_s if mean_s > 0 else math.nan,
+        "n_models": len(verdicts),
+        "n_failed": len(verdicts) - len(ok),
+        "n_trojaned": len(trojaned),
+        "n_clean": len(clean),
+        "n_unknown": len(ok) - len(trojaned) - len(clean),
+    }
+
+
+def family_of(verdict: Verdict) -> str:
+    """The label of a model's family: its own, else ``clean`` for a clean model, else ``unknown``."""
+    return verdict.family or ("clean" if verdict.trojaned is False else UNKNOWN_FAMILY)
+
+
+def detection_rates(verdicts: Iterable[Verdict]) -> dict[str, float]:
+    """Per attack family, % of its models (scanned, ground truth known) the scanner calls trojaned: the detection
+    rate of a trojaned family, the false-positive rate of the clean one."""
+    counts: dict[str, list[int]] = {}
+    for verdict in verdicts:
+        if verdict.ok and verdict.trojaned is not None:
+            hits = counts.setdefault(family_of(verdict), [0, 0])
+            hits[0] += verdict.called
+            hits[1] += 1
+    return {family: percent(*counts[family]) for family in sorted(counts, key=lambda f: (f == "clean", f))}
+
+
+def by_scanner(verdicts: Iterable[Verdict]) -> dict[str, list[Verdict]]:
+    """The verdicts of each scanner, in the order the scanners first appear."""
+    grouped: dict[str, list[Verdict]] = {}
+    for verdict in verdicts:
+        grouped.setdefault(verdict.scanner, []).append(verdict)
+    return grouped
+
+
+def has_ground_truth(verdicts: Iterable[Verdict]) -> bool:
+    """Whether any model's ground truth is known."""
+    return any(v.trojaned is not None for v in verdicts)
