@@ -13,6 +13,13 @@ its own early stopping; a stopped class leaves the batch. ``mode: sequential`` r
 one class at a time, for comparison. Methods (:class:`InversionMethod`) supply the trigger's
 parametrisation, regulariser, size and constraints; a scheduler may choose which classes are
 optimised in each epoch (K-Arm).
+
+:meth:`InversionEngine.run_many` takes the same idea one level up, for a population scan: the
+classes of ``M`` models of one architecture are ``M x K`` slots of one batch, and each step stamps,
+scores and steps them all at once, the models run by one call (:class:`~bdlab.inversion.stacked.
+StackedModels`: on a GPU their weights stacked and vmapped). Each slot keeps what a one-model run
+gives its class: its start, optimiser state, lambda, best and early stop, and each model its own
+scheduler, so the results are the one-model runs' up to the rounding of the stacked forward.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from bdlab.errors import ConfigError, check_at_least, check_range
+from bdlab.inversion.stacked import StackedModels
 
 Variables = dict[str, list[Tensor]]
 MODES = ("batched", "sequential")
@@ -95,7 +103,9 @@ class InversionMethod(ABC):
     def fixed_terms(self, model: nn.Module, variables: Variables, index: Sequence[int], x: Tensor,
                     labels: Tensor, targets: Tensor) -> Tensor:
         """``(A,)`` further loss terms with fixed weights (TABOR's) on the images ``x`` ``(A, B, C, H, W)``
-        and their true ``labels`` ``(A, B)``; zero by default."""
+        and their true ``labels`` ``(A, B)``; zero by default. In a multi-model run (:meth:`InversionEngine.
+        run_many`), ``model`` sends each slot's rows to the slot's own model, so its input must be laid out
+        slot by slot in ``index`` order, equally many rows per slot (as ``x.flatten(0, 1)`` is)."""
         return torch.zeros(len(index), device=x.device)
 
     def attack_loss(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -113,7 +123,8 @@ class InversionMethod(ABC):
 
     def end_epoch(self, model: nn.Module, variables: Variables, index: Sequence[int], x: Tensor, labels: Tensor,
                   targets: Tensor, success: Tensor, threshold: float) -> None:
-        """Work after each epoch (CW's pruning); default none."""
+        """Work after each epoch (CW's pruning); default none. ``index`` are the slots of one ``model``
+        (a multi-model run calls it once per model)."""
 
     @abstractmethod
     def trigger(self, variables: Variables, index: Sequence[int]) -> Trigger:
@@ -196,6 +207,9 @@ class InversionEngine:
         seed: initial triggers and the image order.
     """
 
+    #: :meth:`run_many` inverts many models at once (a population scan checks this before stacking models)
+    stackable = True
+
     def __init__(self, method: InversionMethod, epochs: int = 50, batch_size: int = 32, lr: float | None = None,
                  threshold: float = 0.99, schedule: Schedule | None = None, mode: str = "batched",
                  seed: int = 0, restarts: int = 1) -> None:
@@ -223,62 +237,122 @@ class InversionEngine:
         sources = list(sources) if sources is not None else [None] * len(targets)
         started = time.perf_counter()
         if self.mode == "sequential" and len(targets) > 1:
-            parts = [self._run(model, images, labels, [t], [s], scheduler) for t, s in zip(targets, sources)]
+            parts = [self._run([model], images, labels, [t], [s], [scheduler])[0] for t, s in zip(targets, sources)]
             result = InversionResult(targets, Trigger.stack([p.trigger for p in parts]),
                                      *(torch.cat([getattr(p, name) for p in parts])
                                        for name in ("size", "success", "loss", "epochs", "reached")),
                                      seconds=0.0, sources=sources)
         else:
-            result = self._run(model, images, labels, targets, sources, scheduler)
+            result = self._run([model], images, labels, targets, sources, [scheduler])[0]
         result.seconds = time.perf_counter() - started
         return result
 
-    def _run(self, model: nn.Module, images: Tensor, labels: Tensor, targets: list[int], sources: list[int | None],
-             scheduler: EpochScheduler | None) -> InversionResult:
-        model.eval()
-        device = next(model.parameters()).device
+    def run_many(self, models: Sequence[nn.Module], images: Tensor, labels: Tensor, targets: Sequence[int],
+                 sources: Sequence[int | None] | None = None,
+                 schedulers: Sequence[EpochScheduler | None] | None = None) -> list[InversionResult]:
+        """:meth:`run` for each of ``models`` (one architecture, one device), all of them at once in the
+        batched mode: per step one call of every model (:class:`~bdlab.inversion.stacked.StackedModels`) on
+        the triggers of all its active classes, one loss, one backward and one optimiser step.
+        ``schedulers[m]`` (default none) is model ``m``'s own. Each result's ``seconds`` is the whole run's
+        wall time divided by the number of models. The sequential mode runs the models one after another,
+        each timed on its own."""
+        models = list(models)
+        schedulers = list(schedulers) if schedulers is not None else [None] * len(models)
+        if len(schedulers) != len(models):
+            raise ValueError(f"{len(models)} models but {len(schedulers)} schedulers; give one per model")
+        if self.mode == "sequential" or len(models) == 1:
+            return [self.run(model, images, labels, targets, sources, scheduler)
+                    for model, scheduler in zip(models, schedulers)]
+        targets = [int(t) for t in targets]
+        sources = list(sources) if sources is not None else [None] * len(targets)
+        started = time.perf_counter()
+        results = self._run(models, images, labels, targets, sources, schedulers)
+        share = (time.perf_counter() - started) / len(models)
+        for result in results:
+            result.seconds = share
+        return results
+
+    def _run(self, models: list[nn.Module], images: Tensor, labels: Tensor, targets: list[int],
+             sources: list[int | None], schedulers: list[EpochScheduler | None]) -> list[InversionResult]:
+        for model in models:
+            model.eval()
+        device = next(models[0].parameters()).device
         images, labels = images.to(device), labels.to(device)
         method, classes = self.method, len(targets)
-        # restart r of class k sits at position k + r * classes, started from its own seed
-        parts = [method.variables(targets, tuple(images.shape[1:]), self.seed + 1009 * r) for r in range(self.restarts)]
+        slots = classes * self.restarts  # per model
+        # slot k + r * classes of model m (at m * slots + ...) is restart r of class k, started from the seed of r
+        # alone, so that every model's slots start as a one-model run's
+        parts = [method.variables(targets, tuple(images.shape[1:]), self.seed + 1009 * r)
+                 for _ in models for r in range(self.restarts)]
         trainable = method.trainable or tuple(parts[0])
         variables = {name: [v.to(device).requires_grad_(name in trainable) for part in parts for v in part[name]]
                      for name in parts[0]}
-        optimizers = [torch.optim.Adam([variables[name][k] for name in trainable], lr=self.lr, betas=(0.5, 0.9))
-                      for k in range(classes * self.restarts)]
-        target_tensor = torch.tensor(targets * self.restarts, device=device)
-        source_tensor = torch.tensor([-1 if s is None else int(s) for s in sources] * self.restarts, device=device)
-        states = [ClassState(self.schedule.init if method.regularised else 0.0) for _ in range(classes * self.restarts)]
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
-        # channels-last convolutions take about half the time of the default layout on a CPU (LeNet, 320 images)
-        model.to(memory_format=torch.channels_last)
+        # one Adam for every slot is one per slot: each variable keeps its own moments and step count, and a slot out
+        # of the batch has no gradient, which Adam skips; the multi-tensor (foreach) step gives the per-tensor step's
+        # figures bit for bit, at a tenth of its time for 20-160 small variables on a CPU
+        optimizer = torch.optim.Adam([variables[name][k] for k in range(len(models) * slots) for name in trainable],
+                                     lr=self.lr, betas=(0.5, 0.9), foreach=True)
+        target_tensor = torch.tensor(targets * self.restarts * len(models), device=device)
+        source_tensor = torch.tensor([-1 if s is None else int(s) for s in sources] * self.restarts * len(models),
+                                     device=device)
+        states = [ClassState(self.schedule.init if method.regularised else 0.0) for _ in range(len(models) * slots)]
+        stacked = StackedModels(models) if len(models) > 1 else None
+        for model in models:
+            for parameter in model.parameters():
+                parameter.requires_grad_(False)
+            # channels-last convolutions take about half the time of the default layout on a CPU (LeNet, 320 images)
+            model.to(memory_format=torch.channels_last)
+        finished = [False] * len(models)
         try:
             for epoch in range(self.epochs):
-                live = [k for k, state in enumerate(states) if not state.stopped]
-                active = scheduler.select(epoch, live, states) if scheduler is not None else live
-                if not active:
+                active = []
+                for m, scheduler in enumerate(schedulers):
+                    own = states[m * slots:(m + 1) * slots]
+                    live = [k for k, state in enumerate(own) if not state.stopped]
+                    # a model is done once its scheduler chooses nothing, as a one-model run ends there
+                    chosen = [] if finished[m] else scheduler.select(epoch, live, own) if scheduler is not None \
+                        else live
+                    finished[m] = not chosen
+                    active.append([m * slots + k for k in chosen])
+                if all(finished):
                     break
-                self._epoch(model, images, labels, variables, optimizers, active, target_tensor, source_tensor,
-                            states, epoch)
+                self._epoch(models, stacked, images, labels, variables, optimizer, active, target_tensor,
+                            source_tensor, states, epoch)
         finally:
-            model.to(memory_format=torch.contiguous_format)
-            for parameter in model.parameters():
-                parameter.requires_grad_(True)
-        return self._result(targets, sources, variables, states)
+            for model in models:
+                model.to(memory_format=torch.contiguous_format)
+                for parameter in model.parameters():
+                    parameter.requires_grad_(True)
+        return [self._result(targets, sources, variables, states[m * slots:(m + 1) * slots], m * slots)
+                for m in range(len(models))]
 
     def _pools(self, labels: Tensor, targets: Tensor, sources: Tensor) -> Tensor:
         """``(K, N)``: the images each class is optimised on: its source class, or every other class."""
         universal = sources[:, None] < 0
         return torch.where(universal, labels[None] != targets[:, None], labels[None] == sources[:, None])
 
-    def _epoch(self, model: nn.Module, images: Tensor, labels: Tensor, variables: Variables,
-               optimizers: list[torch.optim.Optimizer], active: list[int], targets: Tensor, sources: Tensor,
-               states: list[ClassState], epoch: int) -> None:
-        """``ceil(N / batch_size)`` steps; at each, every active class gets the next ``batch_size`` images of
-        its own pool (in one order drawn per epoch from the seed, so both modes see the same batches)."""
+    def _epoch(self, models: list[nn.Module], stacked: StackedModels | None, images: Tensor, labels: Tensor,
+               variables: Variables, optimizer: torch.optim.Optimizer, active: list[list[int]],
+               targets: Tensor, sources: Tensor, states: list[ClassState], epoch: int) -> None:
+        """``ceil(N / batch_size)`` steps; at each, every active class of every model gets the next ``batch_size``
+        images of its own pool (in one order drawn per epoch from the seed, so both modes, and a model run alone
+        or with others, see the same batches)."""
         method, device = self.method, images.device
-        index = torch.tensor(active, device=device)
+        groups = [(m, chosen) for m, chosen in enumerate(active) if chosen]
+        width = max(len(chosen) for _, chosen in groups)
+        # the stacked forward runs every model on equally many slots, so a model with fewer active classes repeats
+        # its first one; a repeat's loss is masked to exactly 0 (no gradient, no step, no score). Padding, rather
+        # than grouping the models by their counts, keeps one forward per step and wastes little: early stops are
+        # few and spread out, and K-Arm's bandit picks one class per model
+        slot_list = [k for _, chosen in groups for k in chosen + chosen[:1] * (width - len(chosen))]
+        positions = [g * width + i for g, (_, chosen) in enumerate(groups) for i in range(len(chosen))]
+        stepped = [slot_list[p] for p in positions]
+        forward = models[groups[0][0]] if len(groups) == 1 else \
+            stacked if len(groups) == len(models) else stacked.select([m for m, _ in groups])
+        real = None if len(stepped) == len(slot_list) else \
+            torch.zeros(len(slot_list), dtype=torch.bool, device=device).index_fill_(
+                0, torch.tensor(positions, device=device), True)
+        index = torch.tensor(slot_list, device=device)
         generator = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
         order = torch.randperm(len(images), generator=generator).to(device)
         pools = self._pools(labels[order], targets[index], sources[index])  # (A, N) in epoch order
@@ -287,38 +361,41 @@ class InversionEngine:
             raise ValueError("a class has no image to optimise its trigger on (no image of its source class, or "
                              "only images of the target)")
         steps = max(1, math.ceil(len(images) / self.batch_size))
-        hits = torch.zeros(len(active), device=device)
-        seen = torch.zeros(len(active), device=device)
-        losses = torch.zeros(len(active), device=device)
+        hits = torch.zeros(len(slot_list), device=device)
+        seen = torch.zeros(len(slot_list), device=device)
+        losses = torch.zeros(len(slot_list), device=device)
         for step in range(steps):
-            positions = torch.arange(step * self.batch_size, (step + 1) * self.batch_size, device=device)
-            batch = torch.stack([queue[positions % len(queue)] for queue in queues])  # (A, B), cycling short pools
+            ahead = torch.arange(step * self.batch_size, (step + 1) * self.batch_size, device=device)
+            batch = torch.stack([queue[ahead % len(queue)] for queue in queues])  # (A, B), cycling short pools
             x, y = images[batch], labels[batch]
-            stamped = method.stamp(variables, active, x)
-            logits = model(stamped.flatten(0, 1)).view(len(active), batch.shape[1], -1)
-            weights = torch.tensor([states[k].weight for k in active], device=device)
+            stamped = method.stamp(variables, slot_list, x)
+            logits = forward(stamped.flatten(0, 1)).view(len(slot_list), batch.shape[1], -1)
+            weights = torch.tensor([states[k].weight for k in slot_list], device=device)
             loss = method.attack_loss(logits, targets[index]).mean(1) + \
-                weights * method.regulariser(variables, active, x) + \
-                method.fixed_terms(model, variables, active, x, y, targets[index])
-            for k in active:
-                optimizers[k].zero_grad(set_to_none=True)
+                weights * method.regulariser(variables, slot_list, x) + \
+                method.fixed_terms(forward, variables, slot_list, x, y, targets[index])
+            if real is not None:
+                loss = torch.where(real, loss, torch.zeros_like(loss))
+            optimizer.zero_grad(set_to_none=True)
             loss.sum().backward()
-            for k in active:
-                optimizers[k].step()
+            optimizer.step()
             with torch.no_grad():
-                method.project(variables, active)
+                method.project(variables, stepped)
                 hits += (logits.argmax(2) == targets[index][:, None]).float().sum(1)
                 seen += batch.shape[1]
                 losses += loss.detach()
         success = hits / seen
         with torch.no_grad():
-            sizes = method.size(variables, active)
-            trigger = method.trigger(variables, active)
-        for position, k in enumerate(active):
-            self._update(states[k], float(success[position]), float(sizes[position]),
-                         trigger.select(torch.tensor([position])), float(losses[position]) / steps)
+            sizes = method.size(variables, stepped)
+            trigger = method.trigger(variables, stepped)
+        for i, (position, k) in enumerate(zip(positions, stepped)):
+            self._update(states[k], float(success[position]), float(sizes[i]), trigger.select(torch.tensor([i])),
+                         float(losses[position]) / steps)
         with torch.no_grad():  # after the best-so-far update, which scores the trigger the epoch used
-            method.end_epoch(model, variables, active, images, labels, targets[index], success, self.threshold)
+            for g, (m, chosen) in enumerate(groups):
+                own = slice(g * width, g * width + len(chosen))
+                method.end_epoch(models[m], variables, chosen, images, labels, targets[index[own]], success[own],
+                                 self.threshold)
 
     def _update(self, state: ClassState, success: float, size: float, trigger: Trigger, loss: float) -> None:
         """Best-so-far, Neural Cleanse's lambda schedule and early stopping for one class after an epoch."""
@@ -350,9 +427,10 @@ class InversionEngine:
             state.stopped = True
 
     def _result(self, targets: list[int], sources: list[int | None], variables: Variables,
-                states: list[ClassState]) -> InversionResult:
-        with torch.no_grad():
-            fallback = self.method.trigger(variables, list(range(len(states))))  # a class never stepped keeps its start
+                states: list[ClassState], first: int) -> InversionResult:
+        """One model's result from its ``states``, the slots from ``first`` on."""
+        with torch.no_grad():  # a class never stepped keeps its start
+            fallback = self.method.trigger(variables, list(range(first, first + len(states))))
         for k, state in enumerate(states):
             if state.best is None:
                 state.best = fallback.select(torch.tensor([k]))

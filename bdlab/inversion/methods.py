@@ -26,6 +26,11 @@ def changed_pixels(delta: Tensor) -> Tensor:
     return (delta.abs().amax(1) >= LEVEL - _EPS).flatten(1).sum(1).float()
 
 
+def above_level(values: Tensor) -> Tensor:
+    """``values`` with every change smaller than one level (1/255) in size set to exactly none."""
+    return torch.where(values.abs() >= LEVEL - _EPS, values, torch.zeros_like(values))
+
+
 def total_variation(x: Tensor) -> Tensor:
     """``(A,)`` anisotropic total variation of ``(A, C, H, W)``: summed absolute differences of neighbours."""
     return (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).sum(1) + (x[..., 1:] - x[..., :-1]).abs().flatten(1).sum(1)
@@ -148,6 +153,13 @@ class PixelTrigger(InversionMethod):
 
     def change(self, raw: Tensor) -> Tensor:
         return (torch.tanh(raw) + 1) / 2 if self.form == "tanh" else raw.clamp(0.0, 1.0)
+
+    def unchange(self, change: Tensor) -> Tensor:
+        """A variable whose :meth:`change` is ``change`` (in ``[0, 1]``); with tanh, no change is a finite
+        variable far down the tail (about -7.25) rather than minus infinity."""
+        if self.form == "clip":
+            return change.clone()
+        return torch.atanh((2 * change - 1).clamp(-1 + 1e-6, 1 - 1e-6))
 
     def delta(self, variables: Variables, index: Sequence[int]) -> Tensor:
         positive = torch.stack([variables["positive"][k] for k in index])

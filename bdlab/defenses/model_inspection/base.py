@@ -35,8 +35,9 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import time
 from abc import abstractmethod
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,10 +52,11 @@ from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
 from bdlab.defenses.base import AIV, ART_MODEL, MJS, MLN, Defense, Residual
 from bdlab.errors import ConfigError, check_at_least
 from bdlab.evaluate import evaluate
-from bdlab.inversion.engine import EpochScheduler, InversionEngine, InversionMethod, Schedule, Trigger
+from bdlab.inversion.engine import EpochScheduler, InversionEngine, InversionMethod, InversionResult, Schedule, Trigger
 from bdlab.inversion.methods import LEVEL, changed_pixels
+from bdlab.inversion.stacked import architecture
 from bdlab.media import save_grid
-from bdlab.services import RunServices
+from bdlab.services import SECONDS, RunServices
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,15 @@ def count_pixels(trigger: Trigger) -> Tensor:
     """#pixels per class: positions changed by at least one 8-bit level, in any channel (Pixel paper):
     the mask's pixels at >= 1/255 for mask-and-pattern triggers, the perturbed ones for additive ones."""
     return torch.maximum(changed_pixels(trigger.delta), (trigger.mask[:, 0] >= LEVEL).flatten(1).sum(1).float())
+
+
+def with_holdout_success(tensors: dict[str, Tensor], model: nn.Module, images: ImageSet) -> dict[str, Tensor]:
+    """An inspector's tensors on the CPU, with, where it recovered a trigger per class, the trigger's
+    held-out ``success`` on ``images`` (:func:`holdout_success`)."""
+    tensors = {k: v.detach().cpu() for k, v in tensors.items()}
+    if "mask" in tensors:
+        tensors["success"] = holdout_success(model, Trigger(*(tensors[part] for part in TRIGGER_PARTS)), images)
+    return tensors
 
 
 def holdout_success(model: nn.Module, trigger: Trigger, images: ImageSet, classes: Tensor | None = None) -> Tensor:
@@ -211,21 +222,25 @@ class ModelInspection(Defense):
         optimisation, evaluation = self.splits(data)
 
         def build() -> dict[str, Tensor]:
-            tensors = {k: v.detach().cpu() for k, v in self.score(model, optimisation, data.num_classes,
-                                                                   services).items()}
-            if "mask" in tensors:
-                trigger = Trigger(*(tensors[part] for part in TRIGGER_PARTS))
-                tensors["success"] = holdout_success(model, trigger, evaluation)
-            return tensors
+            return with_holdout_success(self.score(model, optimisation, data.num_classes, services), model,
+                                        evaluation)
 
-        spec = {"model": model_key or services.digest(*model.state_dict().values()), "inspector": self.name,
-                "settings": self.settings(), "seed": self.seed, "images": services.digest(optimisation, evaluation)}
-        tensors, seconds = services.cached(f"inspection/{self.name}", spec, build)
+        tensors, seconds = services.cached(self.cache_kind(), self.cache_spec(model, data, services, model_key), build)
         scores = tensors.pop("score").double()
         trigger = Trigger(*(tensors.pop(part) for part in TRIGGER_PARTS)) if "mask" in tensors else None
         success = tensors.pop("success", None)
         return InspectionResult(scores, self.suspicious, anomaly_index(scores), self.flag(scores), seconds,
                                 trigger, success, tensors)
+
+    def cache_kind(self) -> str:
+        return f"inspection/{self.name}"
+
+    def cache_spec(self, model: nn.Module, data: DatasetSplits, services: RunServices,
+                   model_key: str | None = None) -> dict[str, Any]:
+        """The cache key of ``model``'s inspection (see :meth:`inspect`)."""
+        optimisation, evaluation = self.splits(data)
+        return {"model": model_key or services.digest(*model.state_dict().values()), "inspector": self.name,
+                "settings": self.settings(), "seed": self.seed, "images": services.digest(optimisation, evaluation)}
 
     def inspect_many(self, models: Sequence[nn.Module], data: DatasetSplits, services: RunServices,
                      model_keys: Sequence[str]) -> list[InspectionResult]:
@@ -377,8 +392,63 @@ class TriggerInversion(ModelInspection):
         return None
 
     def score(self, model: nn.Module, images: ImageSet, num_classes: int, services: RunServices) -> dict[str, Tensor]:
-        result = self.engine.run(model, to_float(images.images), images.labels, list(range(num_classes)),
-                                 scheduler=self.scheduler())
+        return self.tensors(self.engine.run(model, to_float(images.images), images.labels, list(range(num_classes)),
+                                            scheduler=self.scheduler()))
+
+    @staticmethod
+    def tensors(result: InversionResult) -> dict[str, Tensor]:
+        """What an inversion's result gives the protocol: the size as the score, the triggers and the extras."""
         trigger = result.trigger  # the size twice, as the score and as the extra: a copy, safetensors stores no aliases
         return {"score": result.size, "mask": trigger.mask, "pattern": trigger.pattern, "delta": trigger.delta,
                 "size": result.size.clone(), "loss": result.loss, "epochs": result.epochs}
+
+    def stacks_models(self) -> bool:
+        """Whether :meth:`inspect_many` inverts models of one architecture together: on the standard engine
+        (``stackable``) in its batched mode; another engine (Pixel's released schedule) runs one at a time."""
+        return getattr(self.engine, "stackable", False) and self.engine.mode == "batched"
+
+    def inspect_many(self, models: Sequence[nn.Module], data: DatasetSplits, services: RunServices,
+                     model_keys: Sequence[str]) -> list[InspectionResult]:
+        """:meth:`~ModelInspection.inspect` each of ``models``, inverting together those not in the cache.
+
+        A model whose inspection is cached (the key :meth:`inspect` uses) comes from the cache. The others,
+        grouped by architecture, are inverted together where :meth:`stacks_models` allows, by the engine's
+        multi-model form (:meth:`~bdlab.inversion.engine.InversionEngine.run_many`: one forward of every
+        model per step, each with its own scheduler, the results a one-model run's up to rounding); each
+        model's held-out success is then measured as :meth:`inspect` does, and its result stored under
+        :meth:`inspect`'s key, so a later one-model inspection finds it. The seconds recorded for each model
+        of a group are the group's wall time (inversion and held-out success) divided by its size. A group of
+        one, or an inspector that does not stack, goes through :meth:`inspect` (a scan's ``batch_models=1``
+        gives one model at a time).
+        """
+        keys = list(model_keys)
+        if len(models) != len(keys):
+            raise ValueError(f"{len(models)} models but {len(keys)} model keys; give one key per model")
+        if len(models) < 2 or not self.stacks_models():
+            return super().inspect_many(models, data, services, keys)
+        kind = self.cache_kind()
+        specs = [self.cache_spec(model, data, services, key) for model, key in zip(models, keys)]
+        groups: dict[Hashable, list[int]] = {}
+        for i, (model, spec) in enumerate(zip(models, specs)):
+            if services.cache.read(services.cache.path(kind, spec), lambda tensors: SECONDS in tensors) is None:
+                groups.setdefault(architecture(model), []).append(i)
+        for members in groups.values():
+            if len(members) > 1:
+                self._invert_together([models[i] for i in members], [specs[i] for i in members], data, services)
+        # every result as inspect() makes it: from the cache now, or (a group of one) inverted alone
+        return [self.inspect(model, data, services, key) for model, key in zip(models, keys)]
+
+    def _invert_together(self, models: list[nn.Module], specs: list[dict[str, Any]], data: DatasetSplits,
+                         services: RunServices) -> None:
+        """Invert ``models`` in one run and store each one's inspection under its ``spec``."""
+        optimisation, evaluation = self.splits(data)
+        log.info("%s: inverting the triggers of %d models at once", self.name, len(models))
+        started = time.perf_counter()
+        results = self.engine.run_many(models, to_float(optimisation.images), optimisation.labels,
+                                       list(range(data.num_classes)), schedulers=[self.scheduler() for _ in models])
+        built = [with_holdout_success(self.tensors(result), model, evaluation)
+                 for model, result in zip(models, results)]
+        share = torch.tensor((time.perf_counter() - started) / len(models), dtype=torch.float64)
+        for spec, tensors in zip(specs, built):
+            services.cache.get_or_build(self.cache_kind(), spec, lambda tensors=tensors: {**tensors, SECONDS: share},
+                                        lambda stored: SECONDS in stored)
