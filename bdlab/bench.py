@@ -1,10 +1,13 @@
-"""Benchmarks that write tables: ``python -m bdlab.bench <train|inspect> [hydra overrides]``.
+"""Benchmarks that write tables: ``python -m bdlab.bench <train|inspect|scan> [hydra overrides]``.
 
 ``train`` measures training throughput (images per second) of the same model and data,
 clean and poisoned, so the cost of poisoning is visible; poisoning is timed separately.
 ``inspect`` times a model-inspection defense (default ``neural_cleanse``) on the trojaned model in
 the batched and the sequential mode of the inversion engine, with the same epochs and images, and
-gives each one's AIV of the target class and flagged classes.
+gives each one's AIV of the target class and flagged classes. ``scan`` (:mod:`bdlab.bench_scan`) scans a
+population of models one at a time and batched, and gives the throughput of each. ``grid``
+(:mod:`bdlab.bench_grid`) replays a grid's timings on N workers: ``python -m bdlab.bench grid <dir or file>
+--workers 8,16,64``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from bdlab.bench_scan import bench_scan, scan_markdown
 from bdlab.cache import ArtifactCache
 from bdlab.compose import compose_config
 from bdlab.console import quiet_third_party
@@ -111,23 +115,33 @@ def markdown(rows: list[dict[str, object]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["grid"]:  # a makespan simulation with arguments of its own (bdlab.bench_grid)
+        from bdlab.bench_grid import main as bench_grid
+
+        return bench_grid(argv[1:])
     quiet_third_party()
     parser = argparse.ArgumentParser(prog="python -m bdlab.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("benchmark", choices=["train", "inspect"])
+    parser.add_argument("benchmark", choices=["train", "inspect", "scan", "grid"])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. dataset=mnist model=lenet")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--models", type=int, default=8, help="scan: the population's size")
+    parser.add_argument("--scanners", default="neural_cleanse,k_arm", help="scan: comma-separated defenses")
     parser.add_argument("--out", type=Path, help="markdown file the table is appended to "
                         "(default: benchmarks/<benchmark>.md)")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     out = args.out or Path("benchmarks") / f"{args.benchmark}.md"
     try:
         if args.benchmark == "train":
             table = markdown(bench_train(args.overrides, args.epochs, args.repeats))
             note = f"{args.epochs} epoch(s), best of {args.repeats}"
-        else:
+        elif args.benchmark == "inspect":
             table, note = inspect_markdown(bench_inspect(args.overrides)), "one run of each mode"
+        else:
+            scanners = [name for name in args.scanners.split(",") if name]
+            table, note = scan_markdown(bench_scan(args.overrides, args.models, scanners)), "one scan in each mode"
     except ConfigError as error:
         print(f"bdlab: invalid config: {error}", file=sys.stderr)
         return 2

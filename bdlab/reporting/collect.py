@@ -31,6 +31,8 @@ class Record:
     #: which metrics answer "does the defense work" (:class:`bdlab.defenses.base.Residual`); empty in files
     #: written before runs recorded it
     residual: dict[str, Any] = field(default_factory=dict)
+    #: ``artifact`` for a two-phase grid's job that built a model for its cells (bdlab.sweeping.jobs): not a cell
+    job: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -66,7 +68,8 @@ def read_record(path: Path) -> Record:
     headline = [(str(key), str(title)) for key, title in payload.get("headline") or []]
     return Record(path, str(payload["status"]), str(payload["dataset"]), str(payload["model"]),
                   str(payload["attack"]), str(payload["defense"]), seed, dict(payload["metrics"]),
-                  dict(payload["config"] or {}), payload.get("error"), headline, dict(payload.get("residual") or {}))
+                  dict(payload["config"] or {}), payload.get("error"), headline, dict(payload.get("residual") or {}),
+                  payload.get("job"))
 
 
 def collect(paths: list[Path]) -> Collection:
@@ -81,9 +84,12 @@ def collect(paths: list[Path]) -> Collection:
             found.problems.append(f"{root}: no {RESULTS_FILE} found")
         for path in files:
             try:
-                found.records.append(read_record(path))
+                record = read_record(path)
             except ValueError as reason:
                 found.problems.append(f"{path}: skipped, {reason}")
+                continue
+            if record.job is None:  # an artifact job's file is not a cell; its cells carry any error it had
+                found.records.append(record)
         if root.is_dir():
             # a Hydra job directory without results.json: the job never finished
             found.unfinished += [job.parent for job in sorted(root.rglob(".hydra"))

@@ -1,8 +1,8 @@
 """The Hydra callbacks of grids: every ``-m`` grid is summarised at the end; a sweep file's is also refused
 up front when it is bad.
 
-After the last job of any grid (``conf/config.yaml`` registers :class:`GridSummary`), one summary: cells
-done and failed, models trained and reused, and the report command. A sweep file's grid (``+sweep=``,
+After the last job of any grid (``conf/config.yaml`` registers :class:`GridSummary`), one summary: artifact
+jobs and cells done and failed, models trained and reused, and the report command. A sweep file's grid (``+sweep=``,
 :class:`SweepCallback`, registered by ``conf/sweep/_base.yaml`` in its place) is checked before any job
 starts: each config-group option it names must exist and every axis must hold at least one value; a
 problem is one line on stderr and exit 2.
@@ -24,6 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 from bdlab.compose import CONFIG_DIR
 from bdlab.plugins import group_options, plugin_names
 from bdlab.results import RESULTS_FILE
+
+#: ``+dry_run=true``: the grid sweeper (bdlab.sweeping.sweeper) plans and launches nothing
+DRY_RUN_KEY = "dry_run"
+#: the ``job`` of a results.json written by an artifact job of a two-phase grid (bdlab.sweeping.jobs)
+ARTIFACT_JOB = "artifact"
 
 
 def options(group: str, searchpath: Any = ()) -> list[str]:
@@ -73,43 +78,66 @@ def grid_problems(config: DictConfig) -> list[str]:
     return problems
 
 
+def launch_order(path: Path) -> tuple[tuple[int, int, str], ...]:
+    """A sort key of job files by directory, numbers as numbers (``artifacts/10`` after ``artifacts/9``)."""
+    return tuple((0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parent.parts)
+
+
 def sweep_summary(sweep_dir: Path) -> str:
-    """Cells by status and models trained vs reused, from the jobs' results.json files."""
+    """Cells by status, artifact jobs (a two-phase grid's; the latest per artifact where a resumed grid ran one
+    again) and models trained vs reused, from the jobs' results.json files."""
     statuses: dict[str, int] = {}
+    latest: dict[str, str] = {}
     built: dict[str, set[str]] = {}
     reused: set[str] = set()
-    for path in sorted(sweep_dir.rglob(RESULTS_FILE)):
+    for path in sorted(sweep_dir.rglob(RESULTS_FILE), key=launch_order):
         try:
             results: dict[str, Any] = json.loads(path.read_text())
         except (OSError, ValueError):
             statuses["unreadable"] = statuses.get("unreadable", 0) + 1
             continue
-        statuses[results.get("status", "?")] = statuses.get(results.get("status", "?"), 0) + 1
+        status = results.get("status", "?")
+        if results.get("job") == ARTIFACT_JOB:
+            latest[str((results.get("artifact") or {}).get("key", path))] = status
+        else:
+            statuses[status] = statuses.get(status, 0) + 1
         for name, artifact in (results.get("artifacts") or {}).items():
             if artifact.get("reused"):
                 reused.add(artifact["path"])
             else:
                 built.setdefault(name.removesuffix("_model"), set()).add(artifact["path"])
+    jobs: dict[str, int] = {}
+    for status in latest.values():
+        jobs[status] = jobs.get(status, 0) + 1
     cells = ", ".join(f"{count} {status}" for status, count in sorted(statuses.items())) or "no results"
+    phase = f"artifact jobs {', '.join(f'{n} {status}' for status, n in sorted(jobs.items()))}; " if jobs else ""
     trained = sum(len(paths) for paths in built.values())
     kinds = " + ".join(f"{len(paths)} {kind}" for kind, paths in sorted(built.items()))
-    return (f"sweep {sweep_dir}: cells {cells}; trained {trained} models ({kinds or 'none'}), "
+    return (f"sweep {sweep_dir}: cells {cells}; {phase}trained {trained} models ({kinds or 'none'}), "
             f"reused {len(reused - set().union(*built.values()))} cached; "
             f"report: python -m bdlab.report {sweep_dir}")
 
 
 class GridSummary(Callback):
     """Registered by ``conf/config.yaml`` under ``hydra.callbacks``: a plain ``-m`` grid ends with the same
-    summary and report command as a sweep file's."""
+    summary and report command as a sweep file's (a dry run, which ran nothing, with none)."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get(DRY_RUN_KEY) is not None:
+            print(f"bdlab: +{DRY_RUN_KEY}=true counts the work of a grid: give -m (python -m bdlab.run -m ... "
+                  f"+{DRY_RUN_KEY}=true)", file=sys.stderr)
+            sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        print(sweep_summary(Path(config.hydra.sweep.dir)))
+        if not config.get(DRY_RUN_KEY, False):
+            print(sweep_summary(Path(config.hydra.sweep.dir)))
 
 
 class SweepCallback(GridSummary):
     """Registered by ``conf/sweep/_base.yaml`` under ``hydra.callbacks``, in :class:`GridSummary`'s place."""
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        super().on_run_start(config, **kwargs)
         sweep = config.hydra.runtime.choices.get("sweep")
         print(f"bdlab: +sweep={sweep} is a grid: run it with -m (python -m bdlab.run -m +sweep={sweep})",
               file=sys.stderr)
