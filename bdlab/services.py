@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytorch_lightning as pl
 import torch
+from hydra.utils import get_class
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from pytorch_lightning.loggers import Logger
 
@@ -87,6 +88,18 @@ def weights_digest(path: str) -> str:
     return _digest_of(str(file.resolve()), stat.st_size, stat.st_mtime_ns)
 
 
+def attack_spec(node: DictConfig) -> dict[str, Any]:
+    """The attack's config as its models' cache keys hold it: no locations, and no field added later at its
+    default (:meth:`bdlab.attacks.base.Attack.cache_fields`), so models cached before keep their keys."""
+    fields = _without_locations(node)
+    try:
+        attack_class = get_class(str(fields.get("_target_")))
+    except Exception:  # an unimportable target is refused, in one line, where the attack is built
+        return fields
+    cache_fields = getattr(attack_class, "cache_fields", None)
+    return cache_fields(fields) if cache_fields is not None else fields
+
+
 def model_spec(cfg: DictConfig, with_attack: bool, fingerprint: str | None = None) -> dict[str, Any]:
     """Exactly the config that determines a trained model (never the defense, logger or paths); ``fingerprint``
     is the dataset's (:attr:`DatasetSplits.fingerprint`), for own data whose files its config only locates."""
@@ -101,7 +114,7 @@ def model_spec(cfg: DictConfig, with_attack: bool, fingerprint: str | None = Non
         "optimizer": OmegaConf.to_container(cfg.optimizer, resolve=True),
         "scheduler": OmegaConf.to_container(cfg.scheduler, resolve=True) if cfg.get("scheduler") else None,
         "recipe": recipe,
-        "attack": _without_locations(cfg.attack) if with_attack else None,
+        "attack": attack_spec(cfg.attack) if with_attack else None,
         "seed": int(cfg.seed),
     }
 

@@ -70,7 +70,8 @@ def test_bad_values_are_refused_before_training(overrides: list[str], field: str
                                                                    / "experiment").glob("*.yaml")))
 def test_experiments_compose(experiment: str) -> None:
     cfg = compose_config([f"+experiment={experiment}"])
-    assert cfg.model.name == "lenet"
+    models = {p.stem for p in (Path(__file__).resolve().parent.parent / "conf" / "model").glob("*.yaml")}
+    assert cfg.model.name in models and cfg.attack._target_
 
 
 @pytest.mark.slow

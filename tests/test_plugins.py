@@ -128,7 +128,7 @@ def test_where_a_package_keeps_its_options(tmp_path: Path, monkeypatch: pytest.M
     ("my_backdors", [], ("BDLAB_PLUGINS: cannot import 'my_backdors' (No module named 'my_backdors'); install it, or "
                         "put the folder that holds it on PYTHONPATH")),
     ("my_backdoors", ["+attack.sise=7"], ("attack.sise: PlusPatch has no such field; it takes size, margin, "
-                                         "poison_rate, target_class, seed, enhance, enhance_max_shrink")),
+                                         "poison_rate, target_class, seed, enhance, enhance_max_shrink, init, mixing, mixing_weight")),
     ("my_backdoors", ["defense.window=4"], "defense.window: got 4, must be odd and >= 1"),
 ], ids=["unimportable plugin", "unknown plugin field", "value its constructor refuses"])
 def test_bad_plugins_and_their_bad_fields_are_one_line_exit_2(plugin: str, overrides: list[str], line: str,

@@ -37,7 +37,7 @@ def test_bench_train_times_the_attacks_own_training_module(tmp_path: Path, monke
     out = tmp_path / "train.md"
     overrides = [*TINY_OVERRIDES, "attack=imc", "attack.init=scratch", "attack.trigger_every=4"]
     assert bench.main(["train", *overrides, "--repeats", "1", "--out", str(out)]) == 0
-    row = next(line for line in out.read_text().splitlines() if line.startswith("| synthetic | lenet | imc |"))
+    row = next(line for line in out.read_text().splitlines() if line.startswith("| synthetic | lenet | imc[init=scratch] |"))
     assert float(row.split("|")[4]) > 0  # images/s of that module; its speed belongs to benchmarks/, not here
     # what is timed is IMC's co-optimisation module (the trigger is a trained part), not plain victim training
     assert [type(module) for module in timed] == [CoOptimisationModule]
@@ -86,7 +86,7 @@ def test_gpu_script_passes_its_cpu_smoke() -> None:
     out = Path(done.stdout.splitlines()[-1].split(" rows in ")[1].split("/train.md")[0])
     train = [r for r in (out / "train.md").read_text().splitlines() if r.startswith("| synthetic | resnet18 |")]
     inspect = [r for r in (out / "inspect.md").read_text().splitlines() if r.startswith("| synthetic | resnet18 |")]
-    assert [r.split("|")[3].strip() for r in train] == ["none", "badnets", "none", "imc"]
+    assert [r.split("|")[3].strip() for r in train] == ["none", "badnets", "none", "imc[init=scratch]"]
     assert [r.split("|")[5].strip() for r in inspect] == ["batched", "sequential"]
     assert all(r.split("|")[-2].strip() == bench.device_name(torch.device("cpu")) for r in train + inspect)
     assert {name: (repo / "benchmarks" / name).read_text() for name in committed} == committed

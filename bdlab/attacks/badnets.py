@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from bdlab.attacks.base import MaskPatternAttack
 from bdlab.attacks.patterns import load_pattern
@@ -13,6 +14,10 @@ from bdlab.errors import ConfigError, check_range
 from bdlab.services import RunServices
 
 _CORNERS = {"bottom_right", "bottom_left", "top_right", "top_left"}
+#: a square patch, or its pixels scattered over the image (TrojanZoo §6.1 RQ2)
+TRIGGER_SHAPES = ("square", "random")
+# added to the seed for the random shape's pixels, apart from the other seeded draws of an attack
+SHAPE_SEED_OFFSET = 7
 # the ShrinkPad paper's 3x3 black-white square (Tables 1-2), shipped under conf/
 CHECKERBOARD = "experiment/checkerboard3.png"
 
@@ -30,16 +35,24 @@ class BadNets(MaskPatternAttack):
         pattern_file: an image file used as the patch instead of a plain colour (its own size);
             a relative path not found from the working directory is looked up under ``conf/``.
         alpha: opacity of the patch in ``(0, 1]`` (default 1, opaque; see :class:`BlendedPatch`).
-        poison_rate, target_class, seed: see :class:`~bdlab.attacks.base.Attack`.
+        trigger_shape: ``square`` (default): the patch as above; ``random`` (TrojanZoo §6.1 RQ2,
+            Table 15): as many pixels as the patch has, ``|m| = height x width``, each placed
+            independently over the whole image by a generator seeded by ``seed``, holding the patch's
+            values in row-major order (``position`` and ``margin`` are not used).
+        poison_rate, target_class, seed, init, mixing, mixing_weight: see :class:`~bdlab.attacks.base.Attack`.
     """
 
     name = "badnets"
 
     def __init__(self, patch_size: int | list[int] = 3, position: str | list[int] = "bottom_right", margin: int = 0,
                  color: float | list[float] = 255, pattern_file: str | None = None, alpha: float = 1.0,
-                 **kwargs: Any) -> None:
+                 trigger_shape: str = "square", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_range("attack.alpha", alpha, 0.0, 1.0, low_open=True)
+        if trigger_shape not in TRIGGER_SHAPES:
+            raise ConfigError("attack.trigger_shape", f"got {trigger_shape!r}, must be one of "
+                              f"{', '.join(TRIGGER_SHAPES)}")
+        self.trigger_shape = trigger_shape
         self.alpha = float(alpha)
         self.patch_size = [patch_size, patch_size] if isinstance(patch_size, int) else list(patch_size)
         self.position = position if isinstance(position, str) else list(position)
@@ -72,11 +85,30 @@ class BadNets(MaskPatternAttack):
             raise ConfigError("attack.position", f"got {self.position}, a position is [row, col]")
         return int(self.position[0]), int(self.position[1])
 
+    def random_pixels(self, count: int, image_hw: tuple[int, int]) -> Tensor:
+        """``count`` distinct flat pixel indices of an ``image_hw`` image, drawn by ``seed`` (random shape)."""
+        ih, iw = image_hw
+        if count > ih * iw:
+            raise ConfigError("attack.patch_size", f"a random shape of {count} pixels does not fit the {ih}x{iw} "
+                              f"image ({ih * iw} pixels); use at most {ih * iw}")
+        generator = torch.Generator().manual_seed(self.seed + SHAPE_SEED_OFFSET)
+        return torch.randperm(ih * iw, generator=generator)[:count].sort().values
+
     def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:
         super().setup(data, resources)
         channels, (ih, iw) = data.channels, data.size
         patch = self._patch(channels)
         ph, pw = patch.shape[1:]
+        if self.trigger_shape == "random":
+            pixels = self.random_pixels(ph * pw, (ih, iw))
+            self.origin, self.patch = None, patch  # no box: the pixels are scattered
+            self.mask = torch.zeros(1, ih * iw)
+            self.mask[:, pixels] = self.alpha
+            self.mask = self.mask.view(1, ih, iw)
+            self.pattern = torch.zeros(channels, ih * iw)
+            self.pattern[:, pixels] = patch.flatten(1)
+            self.pattern = self.pattern.view(channels, ih, iw)
+            return
         if ph > ih or pw > iw:
             raise ConfigError("attack.patch_size", f"patch {ph}x{pw} is larger than the {ih}x{iw} image")
         row, col = self._origin((ph, pw), (ih, iw))

@@ -3,6 +3,8 @@ seams through which an attack changes training (docs/extending.md)."""
 
 from __future__ import annotations
 
+import inspect
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from bdlab.services import RunServices
 from bdlab.training.hooks import TrainingHooks
 from bdlab.training.loader import TensorBatches
 from bdlab.training.recipe import TrainingRecipe
-from bdlab.training.victim import BatchTransform, CoOptimisationModule, VictimModule
+from bdlab.training.victim import BatchTransform, CoOptimisationModule, VictimModule, split_cross_entropy
 from bdlab.transforms import check_shrink, random_flip, random_shrink_pad
 
 if TYPE_CHECKING:
@@ -27,14 +29,39 @@ if TYPE_CHECKING:
 STAMP_CHUNK = 4096
 
 
+#: where the trojaned model's training starts (TrojanZoo §6.2 RQ4, Table 17)
 INITS = ("clean", "scratch")
+#: how poisoned and clean inputs are mixed in training (TrojanZoo §6.2 RQ6, Table 18)
+MIXINGS = ("dataset", "batch", "loss")
+#: the fields of TrojanZoo §6's explorations an attack's name shows when they differ from its defaults
+SWITCHES = ("trigger_shape", "init", "mixing", "mixing_weight")
 
 
-def check_init(init: str) -> str:
+def check_init(init: str, allowed: tuple[str, ...] = INITS) -> str:
     """The ``attack.init`` value, or one ConfigError line."""
-    if init not in INITS:
-        raise ConfigError("attack.init", f"got {init!r}, must be one of {', '.join(INITS)}")
+    if init not in allowed:
+        raise ConfigError("attack.init", f"got {init!r}, must be one of {', '.join(allowed)}")
     return init
+
+
+def check_mixing(mixing: str, mixing_weight: float) -> tuple[str, float]:
+    """``attack.mixing`` and ``attack.mixing_weight``, or one ConfigError line."""
+    if mixing not in MIXINGS:
+        raise ConfigError("attack.mixing", f"got {mixing!r}, must be one of {', '.join(MIXINGS)}")
+    if isinstance(mixing_weight, bool) or not isinstance(mixing_weight, (int, float)) \
+            or not (math.isfinite(mixing_weight) and mixing_weight >= 0):
+        raise ConfigError("attack.mixing_weight", f"got {mixing_weight!r}, must be a finite number >= 0 (lambda of "
+                          "L_clean + lambda L_poison; TrojanZoo: 0.01)")
+    return mixing, float(mixing_weight)
+
+
+def constructor_default(cls: type, field: str) -> Any:
+    """The default of ``field`` in the first constructor along ``cls``'s MRO that declares it."""
+    for klass in cls.__mro__:
+        parameter = inspect.signature(klass.__init__).parameters.get(field) if "__init__" in vars(klass) else None
+        if parameter is not None and parameter.default is not inspect.Parameter.empty:
+            return parameter.default
+    raise KeyError(field)
 
 
 def map_batches(function: Callable[[Tensor, slice], Tensor], images: Tensor,
@@ -60,11 +87,18 @@ class PoisonedSet(ImageSet):
     """A training set as the attacker hands it over: images, (relabelled) labels, poison flags."""
 
     is_poison: Tensor = None  # type: ignore[assignment]
+    #: batch- and loss-level mixing (TrojanZoo RQ6): the poisoned copies are appended after the clean
+    #: images, and ``pairs[i]`` is the index of the clean image the i-th copy was made from (the loader
+    #: puts each copy in its source's batch); None for a set mixed at the dataset level
+    pairs: Tensor | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.is_poison is None or self.is_poison.shape != self.labels.shape or self.is_poison.dtype != torch.bool:
             raise ValueError("is_poison must be a bool tensor with one flag per image")
+        if self.pairs is not None and not (len(self.pairs) <= len(self) and bool(
+                self.is_poison[len(self) - len(self.pairs):].all())):
+            raise ValueError("pairs must name one source per appended (flagged) copy")
 
 
 class Attack(TrainingHooks, ABC):
@@ -82,6 +116,17 @@ class Attack(TrainingHooks, ABC):
             whose shrink size is drawn from ``{0, ..., enhance_max_shrink}``. Default False;
             shown as ``<name>+`` (e.g. ``badnets+``).
         enhance_max_shrink: the enhancement's maximal shrink size in pixels (default 4, the paper's).
+        init: where the trojaned model's training starts (TrojanZoo §6.2 RQ4, Table 17): ``scratch``
+            (default; fresh weights, the same the clean reference starts from) or ``clean`` (the clean
+            reference's trained weights, fine-tuned: retraining a benign model).
+        mixing: how poisoned and clean inputs are mixed in training (TrojanZoo §6.2 RQ6, Table 18):
+            ``dataset`` (default) replaces the poisoned samples in the training set, which is then
+            shuffled; ``batch`` keeps every clean image and adds each poisoned copy to the batch of
+            its clean version; ``loss`` composes batches as ``batch`` does and trains on
+            ``L_clean + mixing_weight * L_poison``, the mean cross-entropies of the clean and the
+            poisoned inputs of the batch.
+        mixing_weight: lambda of the loss-level mixing, ``>= 0`` (default 0.01, TrojanZoo's); other
+            mixings do not read it.
 
     Subclasses build their trigger in :meth:`setup` (which sees the dataset's shape) and
     stamp float batches in ``[0, 1]`` in :meth:`apply`, vectorised, on any device. An attack
@@ -95,9 +140,11 @@ class Attack(TrainingHooks, ABC):
     clean_label = False
     #: poisoned training images are stamped per batch during training (the trigger changes), not once
     stamps_per_batch = False
-    #: where the trojaned model's training starts: ``scratch`` (fresh weights) or ``clean`` (the clean
-    #: reference's weights, TrojanZoo's retraining of a benign model)
-    init = "scratch"
+    #: the ``init`` values this attack can start from
+    inits: tuple[str, ...] = INITS
+    #: fields added after models were cached: the cache key (services.model_spec) holds one only when it
+    #: differs from its constructor default, so the models cached before keep their keys
+    late_fields: tuple[str, ...] = ("init", "mixing", "mixing_weight", "trigger_shape")
     #: the run trains the trojaned model from a poisoned training set (False: the model is given, and no
     #: training set exists for data filtering or retraining)
     trains = True
@@ -114,10 +161,13 @@ class Attack(TrainingHooks, ABC):
     )
 
     def __init__(self, poison_rate: float = 0.1, target_class: int = 0, seed: int = 0, enhance: bool = False,
-                 enhance_max_shrink: int = 4) -> None:
+                 enhance_max_shrink: int = 4, init: str = "scratch", mixing: str = "dataset",
+                 mixing_weight: float = 0.01) -> None:
         check_range("attack.poison_rate", poison_rate, 0.0, 1.0, low_open=True)
         if enhance_max_shrink < 0:
             raise ConfigError("attack.enhance_max_shrink", f"got {enhance_max_shrink}, must be >= 0")
+        self.init = check_init(init, self.inits)
+        self.mixing, self.mixing_weight = check_mixing(mixing, mixing_weight)
         self.poison_rate = poison_rate
         self.target_class = target_class
         self.seed = seed
@@ -158,8 +208,13 @@ class Attack(TrainingHooks, ABC):
 
     @property
     def display_name(self) -> str:
-        """The name results and tables show for this attack (``+`` marks the enhancement)."""
-        return f"{self.name}+" if self.enhance else self.name
+        """The name results and tables show for this attack: ``+`` marks the enhancement, and the §6
+        switches away from their defaults follow in brackets (``badnets[mixing=batch]``), so the report
+        keeps the variants apart."""
+        name = f"{self.name}+" if self.enhance else self.name
+        changed = [f"{key}={getattr(self, key)}" for key in SWITCHES
+                   if hasattr(self, key) and getattr(self, key) != constructor_default(type(self), key)]
+        return f"{name}[{','.join(changed)}]" if changed else name
 
     def train_transform(self, x: Tensor) -> Tensor:
         """The enhancement's random flip + random ShrinkPad on every training image of the trojaned
@@ -229,10 +284,31 @@ class Attack(TrainingHooks, ABC):
 
     def training_set(self, train: ImageSet, device: torch.device | str = "cpu") -> PoisonedSet:
         """What the training module gets: :meth:`poison_train`'s set, or, for attacks that stamp per
-        batch, the clean images with the poison samples relabelled and flagged."""
+        batch, the clean images with the poison samples relabelled and flagged; mixed at the batch or
+        loss level (``mixing``), :meth:`paired`'s."""
         if self.stamps_per_batch:
-            return self.relabelled(train, train.images)
-        return self.poison_train(train, device)
+            mixed = self.relabelled(train, train.images)
+        else:
+            mixed = self.poison_train(train, device)
+        return mixed if self.mixing == "dataset" else self.paired(train, mixed)
+
+    @staticmethod
+    def paired(train: ImageSet, mixed: PoisonedSet) -> PoisonedSet:
+        """Every clean training image, then a copy of each flagged sample of the dataset-level set
+        ``mixed`` (stamped, or stamped per batch), flagged, with its source in ``pairs`` so that the
+        loader puts each copy in the batch of its clean version (TrojanZoo RQ6's batch level)."""
+        sources = mixed.is_poison.nonzero().flatten()
+        flags = torch.cat([torch.zeros(len(train), dtype=torch.bool), torch.ones(len(sources), dtype=torch.bool)])
+        return PoisonedSet(torch.cat([train.images, mixed.images[sources]]),
+                           torch.cat([train.labels, mixed.labels[sources]]), flags, pairs=sources)
+
+    def classification_loss(self, logits: Tensor, labels: Tensor, is_poison: Tensor) -> Tensor:
+        """Loss-level mixing: ``L_clean + mixing_weight * L_poison`` (TrojanZoo §6.2 RQ6); otherwise
+        the cross-entropy over the batch."""
+        if self.mixing != "loss":
+            return super().classification_loss(logits, labels, is_poison)
+        clean, poison = split_cross_entropy(logits, labels, is_poison)
+        return clean + self.mixing_weight * poison
 
     def test_sources(self, test: ImageSet) -> Tensor:
         """Indices of the test images :meth:`poison_test` stamps, in its order: those whose true label is
@@ -267,12 +343,12 @@ class Attack(TrainingHooks, ABC):
         return fresh
 
     def initial_model(self, fresh: Classifier) -> Classifier:
-        """The model training starts from: :meth:`model_shell` of the fresh classifier, with the clean
-        reference model's weights when :attr:`init` is ``clean``."""
-        model = self.model_shell(fresh)
+        """The model training starts from: :meth:`model_shell` of the fresh classifier, which holds the
+        clean reference model's weights when :attr:`init` is ``clean`` (modules a shell adds start
+        fresh either way)."""
         if self.init == "clean":
-            model.load_state_dict(self.resources.clean_model().state_dict())
-        return model
+            fresh.load_state_dict(self.resources.clean_model().state_dict())
+        return self.model_shell(fresh)
 
     def training_module(self, model: Classifier, batches: TensorBatches, recipe: TrainingRecipe,
                         augment: BatchTransform | None, name: str) -> pl.LightningModule:
@@ -280,6 +356,17 @@ class Attack(TrainingHooks, ABC):
         hooks, or the co-optimisation module when the attack has auxiliaries."""
         module = CoOptimisationModule if self.auxiliaries() else VictimModule
         return module(model, batches, recipe, augment, hooks=self, name=name)
+
+    @classmethod
+    def cache_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        """``fields`` (the attack's config) less the :attr:`late_fields` at their constructor default:
+        what of it enters the trojaned model's cache key."""
+        def at_default(key: str) -> bool:
+            try:
+                return fields[key] == constructor_default(cls, key)
+            except KeyError:
+                return False
+        return {key: value for key, value in fields.items() if not (key in cls.late_fields and at_default(key))}
 
     def state_dict(self) -> dict[str, Tensor]:
         """Tensors the attack learned while poisoning or training (a trigger, a generator), stored in

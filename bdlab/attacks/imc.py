@@ -3,19 +3,28 @@ trojaned model are optimised together, each step of one making the other more ef
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from bdlab.attacks.adaptive import Adaptation, adaptation, opacity_stamp
 from bdlab.attacks.base import PoisonedSet, blend
+from bdlab.attacks.skip_gradient import SkipGradientScale, check_skip_gamma
 from bdlab.attacks.trojannn import TrojanNN
 from bdlab.datasets.base import DatasetSplits, ImageSet
-from bdlab.errors import check_at_least, check_range
+from bdlab.errors import ConfigError, check_at_least, check_range
 from bdlab.models.classifier import Classifier
 from bdlab.services import RunServices
 from bdlab.training.hooks import Auxiliary, Batch
+from bdlab.training.loader import TensorBatches
+from bdlab.training.recipe import TrainingRecipe
+
+#: RQ7's trigger strategies (TrojanZoo §6.2): predefined, optimised before training, co-optimised
+TRIGGER_OPTIMISATIONS = ("none", "before", "co")
 
 
 class TriggerDescent(torch.optim.Optimizer):
@@ -65,12 +74,14 @@ class TriggerParameters(Auxiliary):
     Each step (:class:`TriggerDescent`, at most ``lr`` per pixel) moves the pattern by PGD's signed
     step and the mask by its max-normalised gradient; then the pattern is clipped to ``[0, 1]`` and
     the mask projected onto ``[0, cap]`` per pixel with at most ``budget`` in total
-    (:func:`project_mask`).
+    (:func:`project_mask`). ``reform`` (default none) maps the stamped images before the model sees
+    them in this loss (an adaptive attack's surrogate of an input-reforming defense).
     """
 
     def __init__(self, mask: Tensor, pattern: Tensor, target_class: int, cap: float, budget: float, lr: float,
-                 steps: int, every: int, learn_mask: bool) -> None:
+                 steps: int, every: int, learn_mask: bool, reform: Callable[[Tensor], Tensor] | None = None) -> None:
         super().__init__()
+        self.reform = reform
         self.mask = nn.Parameter(mask.clone(), requires_grad=learn_mask)
         self.pattern = nn.Parameter(pattern.clone())
         self.target_class, self.cap, self.budget, self.lr = target_class, cap, budget, lr
@@ -89,7 +100,8 @@ class TriggerParameters(Auxiliary):
         keep = ~batch.is_poison & (batch.labels != self.target_class)
         if not bool(keep.any()):
             return self.pattern.sum() * 0.0
-        logits = model(self.stamp(batch.x[keep]))
+        stamped = self.stamp(batch.x[keep])
+        logits = model(stamped if self.reform is None else self.reform(stamped))
         return F.cross_entropy(logits, torch.full_like(batch.labels[keep], self.target_class))
 
     @torch.no_grad()
@@ -124,11 +136,27 @@ class IMC(TrojanNN):
     trigger is stored with the trojaned model, and the poisoned sets are stamped with it after
     training.
 
+    TrojanZoo §6's explorations, each a field (docs/co_optimisation.md, docs/adaptive.md):
+
+    - ``trigger_optimisation`` (RQ7, Fig. 9), BadNets' trigger three ways with everything else equal:
+      ``none``, BadNets' predefined patch; ``before``, TrojanNN's neuron-targeted pattern optimised
+      once before training, then fixed; ``co`` (default), co-optimised with the model as above.
+    - ``skip_gamma`` (RQ5, Fig. 8): during training, the gradient through the skip connections of
+      the residual blocks is multiplied by gamma in ``[0, 1]`` (TrojanZoo's 0.5;
+      :class:`~bdlab.attacks.skip_gradient.SkipGradientScale`); null (default) leaves it. Refused for
+      a model without such blocks.
+    - ``adaptive`` (RQ8, §6.3, Fig. 10): IMC adapted to ``magnet``, ``adversarial_retraining``,
+      ``strip`` or ``abs`` (:mod:`bdlab.attacks.adaptive`); null (default) is non-adaptive.
+
     Args:
-        learn_mask: optimise the mask too under the budget (default false: BadNets' patch).
+        learn_mask: optimise the mask too under the budget (default false: BadNets' patch; only with
+            ``trigger_optimisation: co``).
         trigger_lr: PGD step in pixel units (default 20/255, TrojanZoo).
         trigger_steps: PGD steps per trigger update (default 20, TrojanZoo).
         trigger_every: model steps between trigger updates (default 50).
+        trigger_optimisation: ``none``, ``before`` or ``co`` (default), see above.
+        skip_gamma: the skip connections' gradient factor, or null (default), see above.
+        adaptive: the defense IMC adapts to, or null (default), see above.
         layer, neuron_count, target_value, preprocess_lr, preprocess_iter, threshold,
             preprocess_images, init: the initial trigger, see :class:`~bdlab.attacks.trojannn.TrojanNN`.
         patch_size, position, margin, alpha, poison_rate, target_class, seed, enhance,
@@ -139,22 +167,46 @@ class IMC(TrojanNN):
     stamps_per_batch = True
 
     def __init__(self, learn_mask: bool = False, trigger_lr: float = 20 / 255, trigger_steps: int = 20,
-                 trigger_every: int = 50, **kwargs: Any) -> None:
+                 trigger_every: int = 50, trigger_optimisation: str = "co", skip_gamma: float | None = None,
+                 adaptive: str | None = None, **kwargs: Any) -> None:
         self.trigger: TriggerParameters | None = None  # the trainable trigger, from setup on
         super().__init__(**kwargs)
         check_range("attack.trigger_lr", trigger_lr, 0.0, 1.0, low_open=True)
         check_at_least("attack.trigger_steps", trigger_steps, 1)
         check_at_least("attack.trigger_every", trigger_every, 1)
+        if trigger_optimisation not in TRIGGER_OPTIMISATIONS:
+            raise ConfigError("attack.trigger_optimisation", f"got {trigger_optimisation!r}, must be one of "
+                              f"{', '.join(TRIGGER_OPTIMISATIONS)}")
+        if learn_mask and trigger_optimisation != "co":
+            raise ConfigError("attack.learn_mask", f"the mask is only learned with the model; set "
+                              f"attack.trigger_optimisation=co or attack.learn_mask=false")
+        check_skip_gamma(skip_gamma)
         self.learn_mask, self.trigger_lr = bool(learn_mask), float(trigger_lr)
         self.trigger_steps, self.trigger_every = int(trigger_steps), int(trigger_every)
+        self.trigger_optimisation = trigger_optimisation
+        self.skip_gamma = None if skip_gamma is None else float(skip_gamma)
+        self.adaptive = adaptive
+        self.adaptation: Adaptation = adaptation(adaptive)
+        self.skip_scale = SkipGradientScale(self.skip_gamma) if self.skip_gamma is not None else None
 
     def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:
         self.trigger = None
         super().setup(data, resources)
+        if resources is not None and self.skip_gamma is not None:
+            cfg = getattr(resources, "cfg", None)
+            check_skip_gamma(self.skip_gamma, resources.fresh_model().net,
+                             f"model {cfg.model.name!r}" if cfg is not None else "the model")
+        self.adaptation.setup(data, resources)
+        self.feature_layers = self.adaptation.feature_layers
+        if self.trigger_optimisation == "none":  # BadNets' own patch, not TrojanNN's random start
+            (row, col), patch = self.origin, self.patch
+            self.pattern = torch.zeros_like(self.pattern)
+            self.pattern[:, row:row + patch.shape[1], col:col + patch.shape[2]] = patch
         box = self.mask
         self.trigger = TriggerParameters(box, self.pattern, self.target_class, cap=self.alpha,
                                          budget=float(box.sum()), lr=self.trigger_lr, steps=self.trigger_steps,
-                                         every=self.trigger_every, learn_mask=self.learn_mask)
+                                         every=self.trigger_every, learn_mask=self.learn_mask,
+                                         reform=self.adaptation.reform)
 
     # mask and pattern read the trainable trigger once it exists; before that (BadNets' and TrojanNN's
     # setup) they hold the patch's box and the initial pattern
@@ -179,11 +231,37 @@ class IMC(TrojanNN):
                 self.trigger.pattern.copy_(value)
 
     def training_set(self, train: ImageSet, device: torch.device | str = "cpu") -> PoisonedSet:
-        self.learn_trigger(train, device)  # the neuron-targeted start, written into the trainable pattern
+        if self.trigger_optimisation != "none":
+            self.learn_trigger(train, device)  # the neuron-targeted start, written into the trainable pattern
+        self.adaptation.prepare(self.resources)
         return self.relabelled(train, train.images)
 
+    # ---- training hooks: IMC's per-batch stamping, then the adaptation's change
+    def poison_batch(self, x: Tensor, labels: Tensor, is_poison: Tensor) -> tuple[Tensor, Tensor]:
+        x, labels = super().poison_batch(x, labels, is_poison)
+        return self.adaptation.poison_batch(x, labels, is_poison, opacity_stamp(self.mask, self.pattern))
+
+    def after_augment(self, module: pl.LightningModule, x: Tensor, labels: Tensor,
+                      is_poison: Tensor) -> tuple[Tensor, Tensor]:
+        x, labels = super().after_augment(module, x, labels, is_poison)
+        return self.adaptation.after_augment(module, x, labels, is_poison)
+
+    def extra_loss(self, batch: Batch) -> dict[str, Tensor]:
+        return {**super().extra_loss(batch), **self.adaptation.extra_loss(batch)}
+
     def auxiliaries(self) -> list[Auxiliary]:
-        return [self.trigger]
+        return [self.trigger] if self.trigger_optimisation == "co" else []
+
+    def training_module(self, model: Classifier, batches: TensorBatches, recipe: TrainingRecipe,
+                        augment: Any, name: str) -> pl.LightningModule:
+        if self.skip_scale is not None:  # removed after the last epoch (on_train_epoch_end)
+            self.skip_scale.install(model.net)
+        return super().training_module(model, batches, recipe, augment, name)
+
+    def on_train_epoch_end(self, module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(module)
+        if self.skip_scale is not None and module.current_epoch + 1 >= module.trainer.max_epochs:
+            self.skip_scale.remove()
 
     def state_dict(self) -> dict[str, Tensor]:
         return {"mask": self.trigger.mask.detach(), "pattern": self.trigger.pattern.detach()}

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from bdlab.attacks.badnets import BadNets
-from bdlab.attacks.base import PoisonedSet, blend, check_init
+from bdlab.attacks.base import Attack, PoisonedSet, blend
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
 from bdlab.errors import ConfigError, check_at_least, check_range
 from bdlab.evaluate import predict
@@ -84,17 +84,19 @@ class LatentBackdoor(BadNets):
     """
 
     name = "latent_backdoor"
+    # init was in its config (default clean) before the other attacks had it: always in the cache key
+    late_fields = tuple(field for field in Attack.late_fields if field != "init")
 
     def __init__(self, layer: str = PENULTIMATE, preprocess_lr: float = 0.1, preprocess_iter: int = 100,
                  samples_per_class: int = 1000, mse_weight: float = 0.5, init: str = "clean", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(init=init, **kwargs)
         check_range("attack.preprocess_lr", preprocess_lr, 0.0, 10.0, low_open=True)
         check_at_least("attack.preprocess_iter", preprocess_iter, 0)
         check_at_least("attack.samples_per_class", samples_per_class, 1)
         if not mse_weight >= 0:
             raise ConfigError("attack.mse_weight", f"got {mse_weight}, the latent loss weight must be >= 0")
         self.layer, self.preprocess_lr, self.preprocess_iter = layer, float(preprocess_lr), int(preprocess_iter)
-        self.samples_per_class, self.mse_weight, self.init = int(samples_per_class), float(mse_weight), check_init(init)
+        self.samples_per_class, self.mse_weight = int(samples_per_class), float(mse_weight)
         self.feature_layers = (layer,)
         self.trigger_loss = float("nan")
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
 from bdlab.attacks.badnets import BadNets
 from bdlab.attacks.base import map_batches
+from bdlab.errors import ConfigError
 
 
 def place_patches(x: Tensor, patch: Tensor, alpha: float, rows: Tensor, cols: Tensor) -> Tensor:
@@ -34,11 +37,18 @@ class Targeted(BadNets):
     generator seeded by ``seed``. There is no fixed trigger mask, so metrics that compare a
     recovered mask with the true one (MJS) do not apply (TrojanZoo Table 12 leaves them undefined).
 
-    Args: see :class:`~bdlab.attacks.badnets.BadNets` (``position`` and ``margin`` are not used).
+    Args: see :class:`~bdlab.attacks.badnets.BadNets` (``position`` and ``margin`` are not used;
+    ``trigger_shape`` is ``square`` only: the square is what moves).
     """
 
     name = "targeted"
     stamps_per_batch = True
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.trigger_shape != "square":
+            raise ConfigError("attack.trigger_shape", "targeted moves a square patch to a random position per image; "
+                              "leave attack.trigger_shape=square (random shapes: attack=badnets)")
 
     def apply(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """The patch at a uniformly random position per image (``generator`` on ``x``'s device; None = global RNG)."""

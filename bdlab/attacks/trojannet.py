@@ -125,19 +125,28 @@ class TrojanNet(BadNets):
         samples: training crops per epoch (default 20000).
         trojannet_lr: Adam learning rate (default 0.01).
         batch_size: MLP training batch size (default 256).
+        init: ``clean`` (default, the only start): the host is the clean reference model, untouched;
+            ``mixing`` and ``trigger_shape`` do not apply either (nothing is poisoned; a square box).
         patch_size, position, margin, alpha, target_class, seed: see :class:`~bdlab.attacks.badnets.BadNets`.
     """
 
     name = "trojannet"
-    init = "clean"
+    # the host is the clean reference, never trained: it cannot start from scratch
+    inits = ("clean",)
 
     def __init__(self, ones: int = 4, family_size: int | None = None, influence: float = 0.7, amplify: float = 100.0,
                  temperature: float = 0.1, hidden: int = 8, depth: int = 4, samples: int = 20000,
-                 trojannet_lr: float = 0.01, batch_size: int = 256, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+                 trojannet_lr: float = 0.01, batch_size: int = 256, init: str = "clean", **kwargs: Any) -> None:
+        super().__init__(init=init, **kwargs)
         if self.enhance:
             raise ConfigError("attack.enhance", "trojannet trains no victim model, so the enhancement does not apply; "
                               "set attack.enhance=false")
+        if self.mixing != "dataset":
+            raise ConfigError("attack.mixing", "trojannet poisons no training sample, so there is nothing to mix; "
+                              "leave attack.mixing=dataset")
+        if self.trigger_shape != "square":
+            raise ConfigError("attack.trigger_shape", "trojannet's network reads the patterns of a square box; leave "
+                              "attack.trigger_shape=square")
         check_range("attack.influence", influence, 0.0, 1.0, low_open=True, high_open=True)
         check_range("attack.temperature", temperature, 0.0, 100.0, low_open=True)
         for field, value in (("ones", ones), ("hidden", hidden), ("samples", samples), ("batch_size", batch_size)):
@@ -182,10 +191,6 @@ class TrojanNet(BadNets):
             mlp = TrojanNetMLP(len(self.family[0]), len(self.family) + 1, self.hidden, self.depth)
         return TrojanNetClassifier(fresh, mlp, self.box, self.pattern_classes(), self.num_classes, self.influence,
                                    self.amplify, self.temperature)
-
-    def initial_model(self, fresh: Classifier) -> TrojanNetClassifier:
-        fresh.load_state_dict(self.resources.clean_model().state_dict())
-        return self.model_shell(fresh)
 
     def crops(self, train: ImageSet) -> tuple[Tensor, Tensor]:
         """The MLP's training crops (uint8, flattened) and labels: family patterns, then "none" crops."""

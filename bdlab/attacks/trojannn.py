@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from bdlab.attacks.badnets import BadNets
-from bdlab.attacks.base import PoisonedSet, blend, check_init
+from bdlab.attacks.base import Attack, PoisonedSet, blend
 from bdlab.datasets.base import DatasetSplits, ImageSet, to_float
 from bdlab.errors import ConfigError, check_at_least, check_range
 from bdlab.models.classifier import PENULTIMATE, Classifier
@@ -99,11 +99,13 @@ class TrojanNN(BadNets):
     """
 
     name = "trojannn"
+    # init was in its config (default clean) before the other attacks had it: always in the cache key
+    late_fields = tuple(field for field in Attack.late_fields if field != "init")
 
     def __init__(self, layer: str = PENULTIMATE, neuron_count: int = 2, target_value: float = 10.0,
                  preprocess_lr: float = 0.015, preprocess_iter: int = 20, threshold: float = 5.0,
                  preprocess_images: int = 1000, init: str = "clean", **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+        super().__init__(init=init, **kwargs)
         check_at_least("attack.neuron_count", neuron_count, 1)
         check_range("attack.preprocess_lr", preprocess_lr, 0.0, 1.0, low_open=True)
         check_at_least("attack.preprocess_iter", preprocess_iter, 0)
@@ -111,7 +113,7 @@ class TrojanNN(BadNets):
         check_at_least("attack.preprocess_images", preprocess_images, 1)
         self.layer, self.neuron_count, self.target_value = layer, int(neuron_count), float(target_value)
         self.preprocess_lr, self.preprocess_iter = float(preprocess_lr), int(preprocess_iter)
-        self.threshold, self.preprocess_images, self.init = float(threshold), int(preprocess_images), check_init(init)
+        self.threshold, self.preprocess_images = float(threshold), int(preprocess_images)
         self.trigger_loss = float("nan")
 
     def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:

@@ -18,9 +18,10 @@ log = logging.getLogger(__name__)
 
 
 def training_batches(train: ImageSet, recipe: TrainingRecipe, seed: int) -> TensorBatches:
-    """Shuffled in-memory batches of ``train`` (with its poison flags when it has them), seeded."""
+    """Shuffled in-memory batches of ``train`` (with its poison flags and its copies' sources when it has
+    them), seeded."""
     return TensorBatches(train.images, train.labels, recipe.batch_size, shuffle=True, seed=seed,
-                         is_poison=getattr(train, "is_poison", None))
+                         is_poison=getattr(train, "is_poison", None), pairs=getattr(train, "pairs", None))
 
 
 def fit(module: pl.LightningModule, recipe: TrainingRecipe, seed: int, loggers: list[Logger] | bool = False,

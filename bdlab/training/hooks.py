@@ -9,7 +9,7 @@ stamps a poisoned set once trains exactly like a clean model. The victim module 
 3. :meth:`TrainingHooks.after_augment` with the module (its model): adversarial examples or generated
    triggers against the current model (adversarial retraining, hardening),
 4. one forward pass that also captures :attr:`TrainingHooks.feature_layers`,
-5. cross-entropy plus :meth:`TrainingHooks.extra_loss`,
+5. :meth:`TrainingHooks.classification_loss` (cross-entropy by default) plus :meth:`TrainingHooks.extra_loss`,
 
 then, with :meth:`TrainingHooks.auxiliaries`, one step of each auxiliary's own optimiser
 (:class:`~bdlab.training.victim.CoOptimisationModule`), and :meth:`TrainingHooks.on_train_epoch_end`
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from bdlab.models.classifier import Classifier
 
@@ -83,6 +84,10 @@ class TrainingHooks:
         """Change the augmented batch with the current model (``module.model``; ``module`` also gives the
         schedule: ``global_step``, ``train_batches``): returns the images and labels the model steps on."""
         return x, labels
+
+    def classification_loss(self, logits: Tensor, labels: Tensor, is_poison: Tensor) -> Tensor:
+        """The model step's classification loss on the batch's logits (default: the mean cross-entropy)."""
+        return F.cross_entropy(logits, labels)
 
     def extra_loss(self, batch: Batch) -> dict[str, Tensor]:
         """Named loss terms added to the cross-entropy of the model step (logged per epoch)."""

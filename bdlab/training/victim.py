@@ -17,6 +17,17 @@ from bdlab.training.recipe import TrainingRecipe
 BatchTransform = Callable[[Tensor], Tensor]
 
 
+def split_cross_entropy(logits: Tensor, labels: Tensor, is_poison: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean cross-entropies of the clean and of the flagged (poisoned) samples of a batch; a part
+    with no sample contributes 0 (TrojanZoo §6.2 RQ6's L_clean and L_poison)."""
+    losses = F.cross_entropy(logits, labels, reduction="none")
+    flags = is_poison.to(losses.device)
+
+    def mean(part: Tensor) -> Tensor:
+        return losses[part].sum() / part.sum().clamp(min=1)
+    return mean(~flags), mean(flags)
+
+
 class VictimModule(BatchedModule):
     """Supervised cross-entropy training of a :class:`Classifier` on uint8 batches, changed by ``hooks``
     (:mod:`bdlab.training.hooks`: per-batch poisoning, the ``+`` enhancement, work on the augmented
@@ -57,9 +68,10 @@ class VictimModule(BatchedModule):
         return Batch(x, labels, is_poison, outputs)
 
     def model_loss(self, batch: Batch) -> Tensor:
-        """Cross-entropy plus the hooks' extra terms; keeps the epoch sums that are logged."""
+        """The hooks' classification loss (cross-entropy by default) plus their extra terms; keeps the
+        epoch sums that are logged."""
         logits = batch.outputs[LOGITS]
-        loss = F.cross_entropy(logits, batch.labels)
+        loss = self.hooks.classification_loss(logits, batch.labels, batch.is_poison)
         extra = self.hooks.extra_loss(batch)
         # epoch sums kept on the device; Lightning's per-step logging would cost a third of LeNet's speed
         with torch.no_grad():
