@@ -145,6 +145,41 @@ def test_the_weights_load_back_and_reproduce_the_figures(zoo: SimpleNamespace) -
     assert asr == pytest.approx(float(row["asr"]), abs=1e-6)
 
 
+def test_the_zoo_is_scanned_end_to_end_and_a_rerun_scans_nothing(zoo: SimpleNamespace, tmp_path: Path) -> None:
+    """The 3 + 3 zoo's manifest, as written, scanned by Neural Cleanse: one verdict per model with its ground truth,
+    the population figures over all six, and a second scan reading every inspection from the cache."""
+    import bdlab.scan
+
+    nc = ["scanners=[neural_cleanse]", "+scanner_args.neural_cleanse.epochs=2",
+          "+scanner_args.neural_cleanse.optimisation_images=3", "+scanner_args.neural_cleanse.evaluation_images=2"]
+
+    def scan(run_dir: Path) -> dict:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sys, "argv", ["bdlab.scan", f"models={zoo.out / 'manifest.csv'}", *nc,
+                                        f"cache_dir={zoo.cache}", f"hydra.run.dir={run_dir}",
+                                        "hydra/job_logging=none", "hydra/hydra_logging=none"])
+            bdlab.scan.cli()
+        return json.loads((run_dir / "scan.json").read_text())
+
+    first = scan(tmp_path / "first")
+    truth = {row["name"]: row for row in manifest(zoo.out)}
+    records = first["records"]
+    assert sorted(r["name"] for r in records) == sorted(truth) and {r["status"] for r in records} == {"ok"}
+    for r in records:
+        assert str(r["trojaned"]) == truth[r["name"]]["trojaned"] and r["family"] == truth[r["name"]]["family"]
+        assert r["called"] == bool(r["flagged_classes"]) and r["cached"] is False
+    figures = first["population"]["neural_cleanse"]
+    assert (figures["n_models"], figures["n_trojaned"], figures["n_clean"], figures["n_failed"]) == (6, 3, 3, 0)
+    called = {r["name"]: r["called"] for r in records}
+    right = sum(called[name] == (row["trojaned"] == "1") for name, row in truth.items())
+    assert figures["accuracy"] == pytest.approx(100 * right / 6)
+    assert (tmp_path / "first" / "roc.png").is_file()
+    again = scan(tmp_path / "again")
+    assert all(r["cached"] for r in again["records"])
+    assert [(r["name"], r["flagged_classes"], r["aiv_max"]) for r in again["records"]] == \
+        [(r["name"], r["flagged_classes"], r["aiv_max"]) for r in records]
+
+
 def test_a_smaller_zoo_is_the_first_models_and_trains_nothing(zoo: SimpleNamespace) -> None:
     out = zoo.root / "z22"
     code, trained = run_zoo([*TINY, "trojaned=2", "clean=2", "seed=0", f"out={out}", f"cache_dir={zoo.cache}"],
