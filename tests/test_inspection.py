@@ -292,6 +292,8 @@ def test_inspection_protocol_end_to_end_on_the_tiny_run(tmp_path: Path, tmp_path
     (["defense=neural_cleanse", "defense.threshold=1.5"], "defense.threshold"),
     (["defense=neural_cleanse", "defense.init_weight=-1"], "defense.init_weight"),
     (["defense=pixel", "defense.init_weight=-0.1"], "defense.init_weight"),
+    (["defense=neural_cleanse", "defense.up=1"], "defense.up"),
+    (["defense=pixel", "defense.down=0.5"], "defense.down"),
     (["defense=pixel", "defense.gamma=0"], "defense.gamma"),
     (["defense=tabor", "defense.weights=[1,2]"], "defense.weights"),
     (["defense=k_arm", "defense.candidates=0"], "defense.candidates"),

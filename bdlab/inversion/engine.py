@@ -150,8 +150,9 @@ class Schedule:
     def __post_init__(self) -> None:
         if not self.init >= 0:
             raise ConfigError("defense.init_weight", f"got {self.init}, a regulariser weight must be >= 0")
-        if not self.up > 1 or not self.down > 1:
-            raise ConfigError("defense.schedule", f"up {self.up} and down {self.down} must both be > 1")
+        for field, factor in (("up", self.up), ("down", self.down)):
+            if not factor > 1:
+                raise ConfigError(f"defense.{field}", f"got {factor}, lambda's {field} factor must be > 1")
         check_at_least("defense.patience", self.patience, 1)
         check_at_least("defense.early_stop_patience", self.early_stop_patience, 1)
 
