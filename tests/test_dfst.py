@@ -79,6 +79,25 @@ def test_style_folder_is_read_and_resized(tmp_path: Path) -> None:
 
 # ----------------------------------------------------------------------------- the generator
 
+def test_the_trojan_key_follows_the_style_images_not_their_folder(tmp_path: Path) -> None:
+    """A moved style folder keeps the trojaned model's cache key; an edited image changes it."""
+    from PIL import Image
+
+    from bdlab.compose import compose_config
+    from bdlab.services import attack_spec
+
+    def key(folder: Path) -> dict:
+        return attack_spec(compose_config([*TINY_DFST, f"attack.style_root={folder}"]).attack)
+
+    for name in ("here", "there"):
+        (tmp_path / name / "sub").mkdir(parents=True)
+        Image.new("RGB", (20, 20), (250, 120, 20)).save(tmp_path / name / "sub" / "a.png")
+    assert key(tmp_path / "here") == key(tmp_path / "there")
+    assert str(tmp_path) not in str(key(tmp_path / "here"))
+    Image.new("RGB", (20, 20), (250, 120, 21)).save(tmp_path / "there" / "sub" / "a.png")
+    assert key(tmp_path / "here") != key(tmp_path / "there")
+
+
 def test_networks_keep_shape_and_range() -> None:
     for size in ((8, 8), (16, 16), (15, 21)):
         x = torch.rand(2, 3, *size)

@@ -108,6 +108,20 @@ def test_the_three_trigger_strategies_differ_only_in_how_the_pattern_is_made() -
     assert co.auxiliaries() == [co.trigger]  # a trainable part of the co-optimisation module
 
 
+@pytest.mark.parametrize("shape", ["square", "random"])
+def test_a_predefined_trigger_is_badnets_own_for_either_shape(shape: str) -> None:
+    """RQ7's "none" with RQ2's random shape: the pattern is BadNets' patch on BadNets' pixels, in its order."""
+    from bdlab.attacks import BadNets
+
+    fields = {"trigger_shape": shape, "patch_size": 3, "color": 90, "seed": 4}
+    data = splits()
+    badnets = BadNets(**fields)
+    badnets.setup(data)
+    imc = IMC(trigger_optimisation="none", preprocess_images=50, threshold=0.0, **fields)
+    imc.setup(data, StubResources(Path("."), {0: lenet()}))
+    assert torch.equal(imc.mask, badnets.mask) and torch.equal(imc.pattern, badnets.pattern)
+
+
 @pytest.mark.parametrize("strategy", ["none", "before"])
 def test_a_fixed_trigger_leaves_training_unchanged(strategy: str, tmp_path: Path, tmp_path_factory) -> None:
     overrides = [*TINY_RUN, "trainer.max_epochs=2", "attack=imc", "attack.init=scratch", "attack.patch_size=4",

@@ -14,7 +14,7 @@ from bdlab.attacks.base import Attack, map_batches
 from bdlab.attacks.cyclegan import MIN_SIZE, CycleGANModule, PatchDiscriminator, StyleGenerator
 from bdlab.attacks.detox import FeatureInjector, InjectorModule, compromised_neurons
 from bdlab.attacks.style_domain import FIELD as STYLE_FIELD
-from bdlab.attacks.style_domain import load_style_folder, sunrise
+from bdlab.attacks.style_domain import load_style_folder, style_folder_digest, sunrise
 from bdlab.cache import Tensors, content_digest
 from bdlab.datasets.base import DatasetSplits, ImageSet
 from bdlab.errors import ConfigError, check_at_least, check_range
@@ -131,6 +131,15 @@ class DFST(Attack):
         self._train: ImageSet | None = None
         self._style_folder: Tensor | None = None
         self._channels = 3
+
+    @classmethod
+    def cache_fields(cls, fields: dict[str, Any]) -> dict[str, Any]:
+        """The base's, with ``style_root`` replaced by its images' digest: the trojaned model follows the style
+        folder's content, so a moved folder is reused and an edited one retrains."""
+        fields = super().cache_fields(fields)
+        root = fields.get("style_root")
+        digest = style_folder_digest(root) if root is not None else None
+        return fields if digest is None else {**fields, "style_root": {"content": digest}}
 
     # ------------------------------------------------------------------------------------------ setup
 

@@ -199,9 +199,11 @@ class IMC(TrojanNN):
         self.adaptation.setup(data, resources)
         self.feature_layers = self.adaptation.feature_layers
         if self.trigger_optimisation == "none":  # BadNets' own patch, not TrojanNN's random start
-            (row, col), patch = self.origin, self.patch
-            self.pattern = torch.zeros_like(self.pattern)
-            self.pattern[:, row:row + patch.shape[1], col:col + patch.shape[2]] = patch
+            # the mask's pixels in row-major order are the patch's, for the square and the random shape alike
+            channels, height, width = self.pattern.shape
+            pattern = torch.zeros(channels, height * width)
+            pattern[:, self.mask.flatten() > 0] = self.patch.flatten(1)
+            self.pattern = pattern.view(channels, height, width)
         box = self.mask
         self.trigger = TriggerParameters(box, self.pattern, self.target_class, cap=self.alpha,
                                          budget=float(box.sum()), lr=self.trigger_lr, steps=self.trigger_steps,

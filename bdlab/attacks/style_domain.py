@@ -9,11 +9,13 @@ without ``attack.style_root`` the style images are made by :func:`sunrise`, and 
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from bdlab.cache import file_digest
 from bdlab.datasets.base import to_float, to_uint8
 from bdlab.datasets.image_folder import decode, image_files
 from bdlab.errors import ConfigError
@@ -46,6 +48,19 @@ def sunrise(images: Tensor, seed: int) -> Tensor:
     x = x * (1.0 - SUNRISE_VIGNETTE * (ys ** 2 + xs ** 2) / 2)
     grain = torch.randn(count, 1, height, width, generator=torch.Generator().manual_seed(seed))
     return to_uint8(x + SUNRISE_GRAIN * grain)
+
+
+def style_folder_digest(root: str | Path) -> str | None:
+    """A digest of the style images under ``root`` (their paths relative to it and their bytes), so that a
+    model's cache key follows the folder's content, not its place; None where ``root`` is not a folder (the
+    loader refuses it in one line)."""
+    folder = Path(root).expanduser()
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in image_files(folder):
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{file_digest(path)}\0".encode())
+    return digest.hexdigest()
 
 
 def load_style_folder(root: str | Path, channels: int, size: tuple[int, int]) -> Tensor:
