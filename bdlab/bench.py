@@ -129,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--models", type=int, default=8, help="scan: the population's size")
     parser.add_argument("--scanners", default="neural_cleanse,k_arm", help="scan: comma-separated defenses")
+    parser.add_argument("--manifest", type=Path, help="scan: a zoo's manifest.csv whose first --models models are "
+                        "scanned (default: train a BadNets/clean population)")
     parser.add_argument("--out", type=Path, help="markdown file the table is appended to "
                         "(default: benchmarks/<benchmark>.md)")
     args = parser.parse_intermixed_args(argv)
@@ -141,7 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             table, note = inspect_markdown(bench_inspect(args.overrides)), "one run of each mode"
         else:
             scanners = [name for name in args.scanners.split(",") if name]
-            table, note = scan_markdown(bench_scan(args.overrides, args.models, scanners)), "one scan in each mode"
+            table = scan_markdown(bench_scan(args.overrides, args.models, scanners, args.manifest))
+            note = "one scan in each mode" + (f", the first {args.models} models of {args.manifest}"
+                                              if args.manifest else "")
     except ConfigError as error:
         print(f"bdlab: invalid config: {error}", file=sys.stderr)
         return 2

@@ -414,3 +414,28 @@ def test_progress_is_one_line_per_model_scan_off_a_terminal(caplog: pytest.LogCa
     lines = [r.getMessage() for r in caplog.records if r.name == "bdlab"]
     assert len(lines) == 2 and lines[0].startswith("scan 1/2: m0 by nc: flagged 3, aiv_max 2.50")
     assert "left" in lines[0] and lines[1].startswith("scan 2/2: m1 by nc: failed (RuntimeError: boom)")
+
+
+def test_bench_scan_reads_a_zoo_manifest_and_checks_its_arguments(population: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m bdlab.bench scan --manifest``: the manifest's first models scanned one at a time and batched,
+    with the same verdicts; too many models or a scanner that is not one: one line, exit 2, no table."""
+    from bdlab import bench
+
+    nc = ["defense.epochs=2", "defense.optimisation_images=10", "defense.evaluation_images=10",
+          f"cache_dir={tmp_path / 'cache'}"]
+    out = tmp_path / "scan.md"
+    manifest = str(population / "manifest.csv")
+    assert bench.main(["scan", *nc, "--manifest", manifest, "--models", "2", "--scanners", "neural_cleanse",
+                       "--out", str(out)]) == 0
+    table = [line.split("|") for line in out.read_text().splitlines() if line.startswith("| neural_cleanse")]
+    assert [cells[3].strip() for cells in table] == ["one at a time", "batched"]
+    assert all(cells[2].strip() == "2" and cells[8].strip() == "yes" for cells in table)
+    assert f"the first 2 models of {manifest}" in out.read_text()
+    for argv, words in [(["--models", "4", "--scanners", "neural_cleanse"], "has 3 models"),
+                        (["--models", "2", "--scanners", "strip"], "not a model inspector")]:
+        bad = tmp_path / "bad.md"
+        assert bench.main(["scan", *nc, "--manifest", manifest, *argv, "--out", str(bad)]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and error[0].startswith("bdlab: invalid config: --") and words in error[0]
+        assert not bad.exists()
