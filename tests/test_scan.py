@@ -339,8 +339,13 @@ def test_an_unknown_option_in_a_row_is_named_with_the_row(population: Path) -> N
 # ---- the population figures, on hand-built verdicts
 
 def verdicts(trojaned: list[float], clean: list[float], **common) -> list[Verdict]:
-    return [Verdict(f"t{i}", "nc", aiv_max=a, trojaned=True, **common) for i, a in enumerate(trojaned)] + \
-        [Verdict(f"c{i}", "nc", aiv_max=a, trojaned=False, **common) for i, a in enumerate(clean)]
+    """Verdicts of NC's rule: class 0 flagged where the AIV is above 2."""
+    def flags(aiv: float) -> list[int]:
+        return [0] if aiv > 2 else []
+    return [Verdict(f"t{i}", "nc", aiv_max=a, flagged_classes=flags(a), trojaned=True, **common)
+            for i, a in enumerate(trojaned)] + \
+        [Verdict(f"c{i}", "nc", aiv_max=a, flagged_classes=flags(a), trojaned=False, **common)
+         for i, a in enumerate(clean)]
 
 
 def test_population_figures_on_hand_built_verdicts() -> None:
@@ -389,6 +394,17 @@ def test_target_share_seconds_and_throughput() -> None:
     assert (figures["mean_s"], figures["median_s"], figures["models_per_hour"]) == (3.0, 2.0, 1200.0)
 
 
+def test_a_model_is_called_trojaned_only_when_the_scanner_flags_a_class() -> None:
+    """ABS's REASR criterion can leave a model with AIV above 2 unflagged: it is called clean, not trojaned."""
+    unflagged = [Verdict("t", "abs", aiv_max=7.5, flagged_classes=[], trojaned=True, family="badnets"),
+                 Verdict("c", "abs", aiv_max=13.5, flagged_classes=[], trojaned=False, family="clean"),
+                 Verdict("c2", "abs", aiv_max=0.7, flagged_classes=[], trojaned=False, family="clean")]
+    figures = population_metrics(unflagged)
+    assert (figures["tpr"], figures["fpr"]) == (0.0, 0.0)
+    assert figures["auc"] == pytest.approx(0.5)  # still ranked by aiv_max: 7.5 beats 0.7, loses to 13.5
+    assert detection_rates(unflagged) == {"badnets": 0.0, "clean": 0.0}
+
+
 def test_huge_and_infinite_anomaly_indices_keep_their_order() -> None:
     """AIVs far above the sigmoid's range (and an infinite one, MAD 0) still rank as they are."""
     assert roc_auc(verdicts([math.inf, 40], [30, 35])) == 1.0
@@ -396,12 +412,12 @@ def test_huge_and_infinite_anomaly_indices_keep_their_order() -> None:
 
 
 def test_detection_rates_by_family() -> None:
-    found = [Verdict("a", "nc", aiv_max=3, trojaned=True, family="badnets"),
+    found = [Verdict("a", "nc", aiv_max=3, flagged_classes=[1], trojaned=True, family="badnets"),
              Verdict("b", "nc", aiv_max=1, trojaned=True, family="badnets"),
-             Verdict("c", "nc", aiv_max=5, trojaned=True, family="wanet"),
-             Verdict("d", "nc", aiv_max=2.5, trojaned=False),
+             Verdict("c", "nc", aiv_max=5, flagged_classes=[1], trojaned=True, family="wanet"),
+             Verdict("d", "nc", aiv_max=2.5, flagged_classes=[1], trojaned=False),
              Verdict("e", "nc", aiv_max=0.5, trojaned=False, family="clean"),
-             Verdict("f", "nc", aiv_max=9, trojaned=None, family="badnets")]  # unknown truth: not counted
+             Verdict("f", "nc", aiv_max=9, flagged_classes=[1], trojaned=None, family="badnets")]  # unknown truth
     assert detection_rates(found) == {"badnets": 50.0, "wanet": 100.0, "clean": 50.0}
 
 

@@ -1,8 +1,8 @@
 """A scanner's figures over a population of models, from its verdicts (pure functions; docs/scanning.md).
 
-A scanner *calls* a model trojaned when it flags a class: the model's largest anomaly index on the scanner's
-suspicious side (``aiv_max``) is above its ``aiv_threshold`` (2, Neural Cleanse's rule, Wang et al. S&P 2019
-§IV-C). Over the models whose ground truth is known and whose scan succeeded, per scanner:
+A scanner *calls* a model trojaned when it flags a class. For most scanners that is the model's largest anomaly
+index on the scanner's suspicious side (``aiv_max``) above its ``aiv_threshold`` (2, Neural Cleanse's rule, Wang et
+al. S&P 2019 §IV-C); a scanner with a criterion of its own besides (ABS: REASR >= 50%) flags fewer. Over the models whose ground truth is known and whose scan succeeded, per scanner:
 
 - ``accuracy``: % of models called correctly (trojaned as trojaned, clean as clean);
 - ``tpr``: % of trojaned models called trojaned; ``fpr``: % of clean models called trojaned;
@@ -35,7 +35,8 @@ UNKNOWN_FAMILY = "unknown"
 class Verdict:
     """One scanner's verdict on one model, with the model's ground truth (None where unknown).
 
-    ``flagged_classes`` are the classes whose AIV is above ``aiv_threshold`` on the suspicious side; ``aiv_max`` is
+    ``flagged_classes`` are the classes the scanner flags (AIV above ``aiv_threshold`` on the suspicious side, and
+    the scanner's own criterion where it has one, as ABS's REASR >= 50%); ``aiv_max`` is
     the largest AIV on that side; ``anomalous_class`` is that class and ``anomalous_score`` the scanner's score of
     it; ``seconds`` is the scan's running time. A failed scan has ``status`` ``failed``, its ``error``, and NaN
     figures.
@@ -62,9 +63,9 @@ class Verdict:
 
     @property
     def called(self) -> bool:
-        """Whether the scanner calls the model trojaned: its largest AIV on the suspicious side is above the
-        threshold (the same as "it flags a class")."""
-        return self.aiv_max > self.aiv_threshold
+        """Whether the scanner calls the model trojaned: it flags a class. Not ``aiv_max > aiv_threshold``: ABS
+        also needs the class's REASR to reach 50%, and a model it flags nothing in is not called."""
+        return bool(self.flagged_classes)
 
     @property
     def target_flagged(self) -> bool | None:
