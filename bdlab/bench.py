@@ -16,6 +16,7 @@ import argparse
 import copy
 import datetime
 import platform
+import shlex
 import sys
 import tempfile
 import time
@@ -152,8 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     out.parent.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
+    command = shlex.join(["python", "-m", "bdlab.bench", *argv])  # the whole command, options too, to rerun it
     with out.open("a") as stream:
-        stream.write(f"\n`python -m bdlab.bench {args.benchmark} {' '.join(args.overrides)}` ({stamp}, {note})\n\n"
+        stream.write(f"\n`{command}` ({stamp}, {note})\n\n"
                      f"{table}\n")
     return 0
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from bdlab.compose import compose_config
-from bdlab.defenses.model_inspection.base import inspection_metrics
+from bdlab.defenses.model_inspection.base import InspectionResult, inspection_metrics
 from bdlab.defenses.model_inspection.neural_cleanse import NeuralCleanse
 from bdlab.errors import ConfigError
 from bdlab.models.lenet import LeNet
@@ -394,6 +394,41 @@ def test_target_share_seconds_and_throughput() -> None:
     assert (figures["mean_s"], figures["median_s"], figures["models_per_hour"]) == (3.0, 2.0, 1200.0)
 
 
+def test_a_verdict_carries_the_true_targets_signed_aiv() -> None:
+    """The target's AIV is positive on the suspicious side, negative off it (its trigger larger than the median),
+    NaN for a clean model: a scanner that flags another class still shows how close it came to the target."""
+    scores = torch.tensor([10.0, 10.0, 10.0, 11.0, 9.0, 10.0, 10.0, 2.0, 10.0, 30.0])  # class 7 small, 9 large
+    aiv = torch.tensor([0.0, 0.0, 0.0, 0.5, 0.5, 0.0, 0.0, 4.0, 0.0, 10.0])
+    result = InspectionResult(scores=scores, suspicious="low", aiv=aiv, flagged=[7], seconds=1.5)
+
+    def entry(trojaned: bool | None, target: int | None) -> ModelEntry:
+        return ModelEntry(0, "m", Path("m.safetensors"), "lenet", "mnist", trojaned=trojaned, target_class=target)
+
+    inspector = NeuralCleanse()
+    assert runner.verdict_of(entry(True, 7), "nc", inspector, result, None).target_aiv == 4.0
+    assert runner.verdict_of(entry(True, 9), "nc", inspector, result, None).target_aiv == -10.0
+    assert math.isnan(runner.verdict_of(entry(False, None), "nc", inspector, result, None).target_aiv)
+    assert math.isnan(runner.verdict_of(entry(None, None), "nc", inspector, result, None).target_aiv)
+
+
+def test_the_score_auc_ranks_the_most_suspicious_score_across_models() -> None:
+    """score_auc ranks models by their most suspicious class's own score: a small trigger on the low side, a high
+    REASR on the high side; a two-sided scanner has no direction (n/a), and one undefined score makes it n/a."""
+    def population(side: str, trojaned: list[float], clean: list[float]) -> list[Verdict]:
+        return [Verdict(f"t{i}", "s", top_score=x, suspicious=side, trojaned=True) for i, x in enumerate(trojaned)] + \
+            [Verdict(f"c{i}", "s", top_score=x, suspicious=side, trojaned=False) for i, x in enumerate(clean)]
+
+    # in 3 + 3 + 1 of the 9 (trojaned, clean) pairs the trojaned model's trigger is the smaller
+    small_triggers = population("low", [5, 8, 30], [20, 25, 40])
+    assert population_metrics(small_triggers)["score_auc"] == pytest.approx(7 / 9)
+    assert population_metrics(population("high", [5, 8, 30], [20, 25, 40]))["score_auc"] == pytest.approx(2 / 9)
+    assert math.isnan(population_metrics(population("both", [5, 8, 30], [20, 25, 40]))["score_auc"])
+    assert math.isnan(roc_auc(small_triggers + [Verdict("x", "s", suspicious="low", trojaned=False)], by="score"))
+    fpr, tpr = roc_curve(small_triggers, by="score")
+    assert any(f == 0.0 and t == pytest.approx(2 / 3) for f, t in zip(fpr, tpr))  # the 2 smallest are trojaned
+    assert math.isnan(population_metrics(small_triggers)["auc"])  # aiv_max unset: NaN, not mixed up
+
+
 def test_a_model_is_called_trojaned_only_when_the_scanner_flags_a_class() -> None:
     """ABS's REASR criterion can leave a model with AIV above 2 unflagged: it is called clean, not trojaned."""
     unflagged = [Verdict("t", "abs", aiv_max=7.5, flagged_classes=[], trojaned=True, family="badnets"),
@@ -448,6 +483,7 @@ def test_bench_scan_reads_a_zoo_manifest_and_checks_its_arguments(population: Pa
     assert [cells[3].strip() for cells in table] == ["one at a time", "batched"]
     assert all(cells[2].strip() == "2" and cells[8].strip() == "yes" for cells in table)
     assert f"the first 2 models of {manifest}" in out.read_text()
+    assert f"--manifest {manifest} --models 2 --scanners neural_cleanse" in out.read_text()  # the command, whole
     for argv, words in [(["--models", "4", "--scanners", "neural_cleanse"], "has 3 models"),
                         (["--models", "2", "--scanners", "strip"], "not a model inspector")]:
         bad = tmp_path / "bad.md"

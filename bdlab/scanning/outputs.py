@@ -26,14 +26,15 @@ SCAN_CSV, SCAN_JSON, SCAN_MD, ROC_PNG, DETECTION_PNG = "scan.csv", "scan.json", 
 SCAN_FORMAT = 1
 #: a record's columns, in the order scan.csv has them; a manifest's further columns follow
 COLUMNS = ("name", "scanner", "status", "called", "flagged_classes", "aiv_max", "anomalous_class", "anomalous_score",
-           "aiv_threshold", "target_flagged", "seconds", "cached", "trojaned", "target_class", "attack", "family",
-           "model", "dataset", "weights", "overrides", "error")
+           "aiv_threshold", "target_flagged", "target_aiv", "top_score", "suspicious", "seconds", "cached", "trojaned",
+           "target_class", "attack", "family", "model", "dataset", "weights", "overrides", "error")
 #: (key, heading) of the per-scanner table
 FIGURES = (("accuracy", "accuracy (%)"), ("tpr", "TPR (%)"), ("fpr", "FPR (%)"), ("auc", "ROC-AUC"),
+           ("score_auc", "score ROC-AUC"),
            ("target_flagged", "target flagged (%)"), ("mean_s", "mean s/model"), ("median_s", "median s/model"),
            ("models_per_hour", "models/hour"), ("n_trojaned", "trojaned"), ("n_clean", "clean"),
            ("n_unknown", "unknown"), ("n_failed", "failed"))
-_FLOATS = ("aiv_max", "anomalous_score", "aiv_threshold", "seconds")
+_FLOATS = ("aiv_max", "anomalous_score", "target_aiv", "top_score", "aiv_threshold", "seconds")
 
 
 def record(entry: ModelEntry, verdict: Verdict) -> dict[str, Any]:
@@ -44,6 +45,7 @@ def record(entry: ModelEntry, verdict: Verdict) -> dict[str, Any]:
         "aiv_max": verdict.aiv_max, "anomalous_class": verdict.anomalous_class,
         "anomalous_score": verdict.anomalous_score, "aiv_threshold": verdict.aiv_threshold,
         "target_flagged": None if verdict.target_flagged is None else int(verdict.target_flagged),
+        "target_aiv": verdict.target_aiv, "top_score": verdict.top_score, "suspicious": verdict.suspicious,
         "seconds": verdict.seconds, "cached": verdict.cached,
         "trojaned": None if entry.trojaned is None else int(entry.trojaned), "target_class": entry.target_class,
         "attack": entry.attack, "family": entry.family, "model": entry.model, "dataset": entry.dataset,
@@ -61,6 +63,7 @@ def verdict_of_record(row: Mapping[str, Any]) -> Verdict:
         values["trojaned"] = bool(values["trojaned"])
     values["error"] = values.get("error") or ""
     values["family"] = values.get("family") or ""
+    values["suspicious"] = values.get("suspicious") or ""
     return Verdict(**values)
 
 

@@ -1,5 +1,5 @@
-"""A scan's pictures: the ROC curves of every scanner on one plot, and the scanner x attack-family detection
-rates as a heatmap on the fixed 0-100 scale of rates (:mod:`bdlab.reporting.scales`). Bare ``Figure`` objects
+"""A scan's pictures: the ROC curves of every scanner on one plot (a panel per score), and the scanner x
+attack-family detection rates as a heatmap on the fixed 0-100 scale of rates (:mod:`bdlab.reporting.scales`). Bare ``Figure`` objects
 (no pyplot): no GUI backend on servers."""
 
 from __future__ import annotations
@@ -17,22 +17,28 @@ from bdlab.scanning.population import Verdict, roc_auc, roc_curve
 DETECTION_TITLE = "Detection rate (%; the clean column: false positives)"
 
 
+#: (score, panel title) of the ROC panels
+ROC_PANELS = (("aiv", "ROC of the largest anomaly index (within a model)"),
+              ("score", "ROC of the most suspicious score (across models)"))
+
+
 def roc_figure(verdicts: Mapping[str, list[Verdict]]) -> Figure:
-    """One ROC curve of ``aiv_max`` per scanner (those with both kinds of model), its AUC in the legend."""
-    figure = Figure(figsize=(5.2, 4.6))
-    axes = figure.subplots()
-    axes.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1, label="chance (AUC 0.50)")
-    for scanner, found in verdicts.items():
-        curve = roc_curve(found)
-        if curve is not None:
-            axes.plot(*curve, marker=".", label=f"{scanner} (AUC {roc_auc(found):.2f})")
-    axes.set_xlim(-0.02, 1.02)
-    axes.set_ylim(-0.02, 1.02)
-    axes.set_aspect("equal")
-    axes.set_xlabel("false-positive rate (clean models flagged)")
-    axes.set_ylabel("true-positive rate (trojaned models flagged)")
-    axes.set_title("ROC of the largest anomaly index", fontsize=10)
-    axes.legend(loc="lower right", fontsize=8)
+    """Two panels, each with one ROC curve per scanner (those with both kinds of model and a defined score), its
+    AUC in the legend: of ``aiv_max``, and of the most suspicious class's own score (``score_auc``)."""
+    figure = Figure(figsize=(10.4, 4.8))
+    for axes, (by, title) in zip(figure.subplots(1, 2), ROC_PANELS):
+        axes.plot([0, 1], [0, 1], linestyle=":", color="grey", linewidth=1, label="chance (AUC 0.50)")
+        for scanner, found in verdicts.items():
+            curve = roc_curve(found, by)
+            if curve is not None:
+                axes.plot(*curve, marker=".", label=f"{scanner} (AUC {roc_auc(found, by):.2f})")
+        axes.set_xlim(-0.02, 1.02)
+        axes.set_ylim(-0.02, 1.02)
+        axes.set_aspect("equal")
+        axes.set_xlabel("false-positive rate (clean models flagged)")
+        axes.set_ylabel("true-positive rate (trojaned models flagged)")
+        axes.set_title(title, fontsize=10)
+        axes.legend(loc="lower right", fontsize=8)
     figure.tight_layout()
     return figure
 

@@ -7,6 +7,10 @@ al. S&P 2019 §IV-C); a scanner with a criterion of its own besides (ABS: REASR 
 - ``accuracy``: % of models called correctly (trojaned as trojaned, clean as clean);
 - ``tpr``: % of trojaned models called trojaned; ``fpr``: % of clean models called trojaned;
 - ``auc``: ROC-AUC of ``aiv_max`` as the score of "trojaned" (torchmetrics' binary AUROC, ties counted half);
+- ``score_auc``: ROC-AUC of ``top_score``, the most suspicious class's own score (the smallest trigger, the highest
+  REASR), compared *across* models: a population threshold on the trigger size, as K-Arm and TrojAI's scanners
+  decide, in place of the within-model AIV. Meaningful only among models of one architecture and dataset; NaN for
+  a two-sided scanner (NeuronInspect), whose score has no suspicious direction;
 - ``target_flagged``: % of the trojaned models with a known target whose true target is among the flagged classes;
 - ``mean_s``, ``median_s``: seconds per model (as measured when it was scanned, also when cached), and
   ``models_per_hour`` (3600 / ``mean_s``);
@@ -38,7 +42,10 @@ class Verdict:
     ``flagged_classes`` are the classes the scanner flags (AIV above ``aiv_threshold`` on the suspicious side, and
     the scanner's own criterion where it has one, as ABS's REASR >= 50%); ``aiv_max`` is
     the largest AIV on that side; ``anomalous_class`` is that class and ``anomalous_score`` the scanner's score of
-    it; ``seconds`` is the scan's running time. A failed scan has ``status`` ``failed``, its ``error``, and NaN
+    it; ``target_aiv`` is the true target's AIV, signed (negative where the target is off the suspicious side, as a
+    target whose trigger came out larger than the median; NaN without a known target); ``seconds`` is the scan's
+    running time. ``top_score`` is the most suspicious class's score (the smallest on the ``low`` side, the
+    largest on the ``high`` side; NaN for a ``both``-sided scanner) and ``suspicious`` that side. A failed scan has ``status`` ``failed``, its ``error``, and NaN
     figures.
     """
 
@@ -50,6 +57,9 @@ class Verdict:
     aiv_max: float = math.nan
     anomalous_class: int | None = None
     anomalous_score: float = math.nan
+    target_aiv: float = math.nan
+    top_score: float = math.nan
+    suspicious: str = ""
     aiv_threshold: float = 2.0
     seconds: float = math.nan
     cached: bool | None = None
@@ -66,6 +76,12 @@ class Verdict:
         """Whether the scanner calls the model trojaned: it flags a class. Not ``aiv_max > aiv_threshold``: ABS
         also needs the class's REASR to reach 50%, and a model it flags nothing in is not called."""
         return bool(self.flagged_classes)
+
+    @property
+    def suspicion(self) -> float:
+        """``top_score`` oriented so that larger is more suspicious (a smaller trigger, a higher REASR)."""
+        return -self.top_score if self.suspicious == "low" else self.top_score if self.suspicious == "high" \
+            else math.nan
 
     @property
     def target_flagged(self) -> bool | None:
@@ -91,24 +107,27 @@ def ranked(scores: Sequence[float]) -> torch.Tensor:
     return torch.tensor([rank[score] for score in scores], dtype=torch.float64)
 
 
-def scored(verdicts: Iterable[Verdict]) -> tuple[list[float], list[int]]:
-    """The ``aiv_max`` scores and truths (1 trojaned, 0 clean) of the successful verdicts with ground truth."""
+def scored(verdicts: Iterable[Verdict], by: str = "aiv") -> tuple[list[float], list[int]]:
+    """The scores (``by``: ``aiv`` for ``aiv_max``, ``score`` for :attr:`Verdict.suspicion`) and truths (1 trojaned,
+    0 clean) of the successful verdicts with ground truth."""
     known = [v for v in verdicts if v.ok and v.trojaned is not None]
-    return [v.aiv_max for v in known], [int(bool(v.trojaned)) for v in known]
+    scores = [v.aiv_max if by == "aiv" else v.suspicion for v in known]
+    return scores, [int(bool(v.trojaned)) for v in known]
 
 
-def roc_auc(verdicts: Iterable[Verdict]) -> float:
-    """ROC-AUC of ``aiv_max`` (trojaned is the positive class); NaN unless both kinds of model are present."""
-    scores, truth = scored(verdicts)
-    if len(set(truth)) < 2:
+def roc_auc(verdicts: Iterable[Verdict], by: str = "aiv") -> float:
+    """ROC-AUC of the ``by`` score (:func:`scored`; trojaned is the positive class); NaN unless both kinds of
+    model are present and every score is defined."""
+    scores, truth = scored(verdicts, by)
+    if len(set(truth)) < 2 or any(math.isnan(score) for score in scores):
         return math.nan
     return float(binary_auroc(ranked(scores), torch.tensor(truth)))
 
 
-def roc_curve(verdicts: Iterable[Verdict]) -> tuple[list[float], list[float]] | None:
-    """The ROC curve of ``aiv_max`` as (FPR, TPR) points in [0, 1]; None unless both kinds of model are present."""
-    scores, truth = scored(verdicts)
-    if len(set(truth)) < 2:
+def roc_curve(verdicts: Iterable[Verdict], by: str = "aiv") -> tuple[list[float], list[float]] | None:
+    """The ROC curve of the ``by`` score as (FPR, TPR) points in [0, 1]; None where :func:`roc_auc` is NaN."""
+    scores, truth = scored(verdicts, by)
+    if len(set(truth)) < 2 or any(math.isnan(score) for score in scores):
         return None
     fpr, tpr, _ = binary_roc(ranked(scores), torch.tensor(truth))
     return fpr.tolist(), tpr.tolist()
@@ -128,6 +147,7 @@ def population_metrics(verdicts: Sequence[Verdict]) -> dict[str, float | int]:
         "tpr": percent(sum(v.called for v in trojaned), len(trojaned)),
         "fpr": percent(sum(v.called for v in clean), len(clean)),
         "auc": roc_auc(ok),
+        "score_auc": roc_auc(ok, by="score"),
         "target_flagged": percent(sum(with_target), len(with_target)),
         "mean_s": mean_s,
         "median_s": statistics.median(seconds) if seconds else math.nan,

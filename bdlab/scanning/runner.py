@@ -182,12 +182,18 @@ def error_text(error: BaseException) -> str:
 def verdict_of(entry: ModelEntry, scanner: str, inspector: ModelInspection, result: InspectionResult,
                cached: bool | None) -> Verdict:
     """The verdict of one inspection: flagged classes, the largest AIV on the suspicious side (as the inspection
-    protocol reports it) and the score of that most anomalous class, the seconds it took."""
+    protocol reports it) and the score of that most anomalous class, the true target's signed AIV, the seconds it
+    took."""
     side = suspicious_side(result.scores, result.suspicious)
+    target = entry.target_class if entry.trojaned else None
+    target_aiv = float("nan") if target is None else float(result.aiv[target]) * (1.0 if side[target] else -1.0)
+    top = {"low": result.scores.min, "high": result.scores.max}.get(result.suspicious)
+    top_score = float("nan") if top is None else float(top())
     anomalous = max((k for k in range(len(side)) if side[k]), key=lambda k: float(result.aiv[k]), default=None)
     return Verdict(entry.name, scanner, flagged_classes=[int(k) for k in result.flagged],
                    aiv_max=float(inspection_metrics(result, "")["aiv_max"]), anomalous_class=anomalous,
                    anomalous_score=float(result.scores[anomalous]) if anomalous is not None else float("nan"),
+                   target_aiv=target_aiv, top_score=top_score, suspicious=result.suspicious,
                    aiv_threshold=inspector.aiv_threshold, seconds=float(result.seconds), cached=cached,
                    trojaned=entry.trojaned, target_class=entry.target_class, family=entry.family)
 
