@@ -429,6 +429,23 @@ def test_the_score_auc_ranks_the_most_suspicious_score_across_models() -> None:
     assert math.isnan(population_metrics(small_triggers)["auc"])  # aiv_max unset: NaN, not mixed up
 
 
+def test_the_score_accuracy_is_calibrated_leave_one_out() -> None:
+    """Each model is judged by the threshold best on the others: separable scores give 100%, scores on the wrong
+    side 0% (a learned rule cannot invert them), and an overlap costs more than an in-sample threshold would."""
+    def population(side: str, trojaned: list[float], clean: list[float]) -> list[Verdict]:
+        return [Verdict(f"t{i}", "s", top_score=x, suspicious=side, trojaned=True) for i, x in enumerate(trojaned)] + \
+            [Verdict(f"c{i}", "s", top_score=x, suspicious=side, trojaned=False) for i, x in enumerate(clean)]
+
+    assert population_metrics(population("low", [1, 2, 3], [10, 11, 12]))["score_accuracy"] == 100.0
+    assert population_metrics(population("high", [1, 2, 3], [10, 11, 12]))["score_accuracy"] == 0.0
+    # sizes 1T 2T 3T 10C 11T 12C 15C 16C: in-sample "size < 6.5" is right on 7 of 8. Left out, 11T meets
+    # "< 6.5", 10C "< 11.5", 12C "< 13" (a tie broken towards calling more trojaned); the rest are right: 5 of 8
+    overlap = population("low", [1, 2, 3, 11], [10, 12, 15, 16])
+    assert population_metrics(overlap)["score_accuracy"] == 62.5
+    assert math.isnan(population_metrics(population("both", [1, 2], [3, 4]))["score_accuracy"])
+    assert math.isnan(population_metrics(population("low", [1, 2], []))["score_accuracy"])
+
+
 def test_a_model_is_called_trojaned_only_when_the_scanner_flags_a_class() -> None:
     """ABS's REASR criterion can leave a model with AIV above 2 unflagged: it is called clean, not trojaned."""
     unflagged = [Verdict("t", "abs", aiv_max=7.5, flagged_classes=[], trojaned=True, family="badnets"),

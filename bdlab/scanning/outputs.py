@@ -30,7 +30,7 @@ COLUMNS = ("name", "scanner", "status", "called", "flagged_classes", "aiv_max", 
            "target_class", "attack", "family", "model", "dataset", "weights", "overrides", "error")
 #: (key, heading) of the per-scanner table
 FIGURES = (("accuracy", "accuracy (%)"), ("tpr", "TPR (%)"), ("fpr", "FPR (%)"), ("auc", "ROC-AUC"),
-           ("score_auc", "score ROC-AUC"),
+           ("score_auc", "score ROC-AUC"), ("score_accuracy", "score accuracy (%)"),
            ("target_flagged", "target flagged (%)"), ("mean_s", "mean s/model"), ("median_s", "median s/model"),
            ("models_per_hour", "models/hour"), ("n_trojaned", "trojaned"), ("n_clean", "clean"),
            ("n_unknown", "unknown"), ("n_failed", "failed"))

@@ -11,6 +11,9 @@ al. S&P 2019 §IV-C); a scanner with a criterion of its own besides (ABS: REASR 
   REASR), compared *across* models: a population threshold on the trigger size, as K-Arm and TrojAI's scanners
   decide, in place of the within-model AIV. Meaningful only among models of one architecture and dataset; NaN for
   a two-sided scanner (NeuronInspect), whose score has no suspicious direction;
+- ``score_accuracy``: detection accuracy (%) of a threshold on that score, calibrated leave-one-out: each model is
+  judged by the threshold that is most accurate on all the *other* models (K-Arm tunes its trigger-size bound on
+  TrojAI's training round the same way; leave-one-out keeps the model judged out of its own threshold);
 - ``target_flagged``: % of the trojaned models with a known target whose true target is among the flagged classes;
 - ``mean_s``, ``median_s``: seconds per model (as measured when it was scanned, also when cached), and
   ``models_per_hour`` (3600 / ``mean_s``);
@@ -133,6 +136,43 @@ def roc_curve(verdicts: Iterable[Verdict], by: str = "aiv") -> tuple[list[float]
     return fpr.tolist(), tpr.tolist()
 
 
+def best_threshold(scores: torch.Tensor, truth: torch.Tensor) -> float:
+    """The threshold ``t`` whose rule "trojaned when score > t" is most accurate on these models, half-way between
+    the two scores it separates (the lowest such cut on a tie), from the sorted scores' cumulative counts."""
+    values, order = torch.sort(scores)
+    labels = truth[order]
+    # calling every model from place i on trojaned: right are the clean ones before i and the trojaned ones from i
+    clean_before = torch.cat([torch.zeros(1, dtype=labels.dtype), torch.cumsum(1 - labels, 0)])
+    trojaned_from = torch.cat([torch.cumsum(labels.flip(0), 0).flip(0), torch.zeros(1, dtype=labels.dtype)])
+    right = clean_before + trojaned_from
+    distinct = torch.cat([torch.tensor([True]), values[1:] != values[:-1], torch.tensor([True])])
+    place = int(torch.argmax(torch.where(distinct, right, torch.full_like(right, -1.0))))  # a cut between values
+    if place == 0:
+        return -math.inf
+    below = float(values[place - 1])
+    if place == len(values):
+        return below
+    above = float(values[place])
+    return below + (above - below) / 2 if math.isfinite(below) and math.isfinite(above) else below
+
+
+def calibrated_accuracy(verdicts: Iterable[Verdict]) -> float:
+    """Leave-one-out detection accuracy (%) of a threshold on :attr:`Verdict.suspicion` (``score_accuracy``); NaN
+    where :func:`roc_auc` by score is (both kinds of model and every score defined are needed)."""
+    scores, truth = scored(verdicts, "score")
+    if len(set(truth)) < 2 or any(math.isnan(score) for score in scores):
+        return math.nan
+    values, labels = torch.tensor(scores, dtype=torch.float64), torch.tensor(truth, dtype=torch.float64)
+    keep = torch.ones(len(truth), dtype=torch.bool)
+    right = 0
+    for i in range(len(truth)):
+        keep[i] = False
+        threshold = best_threshold(values[keep], labels[keep])
+        keep[i] = True
+        right += int(bool(values[i] > threshold) == bool(truth[i]))
+    return percent(right, len(truth))
+
+
 def population_metrics(verdicts: Sequence[Verdict]) -> dict[str, float | int]:
     """One scanner's figures over a population (see the module docstring)."""
     ok = [v for v in verdicts if v.ok]
@@ -148,6 +188,7 @@ def population_metrics(verdicts: Sequence[Verdict]) -> dict[str, float | int]:
         "fpr": percent(sum(v.called for v in clean), len(clean)),
         "auc": roc_auc(ok),
         "score_auc": roc_auc(ok, by="score"),
+        "score_accuracy": calibrated_accuracy(ok),
         "target_flagged": percent(sum(with_target), len(with_target)),
         "mean_s": mean_s,
         "median_s": statistics.median(seconds) if seconds else math.nan,
