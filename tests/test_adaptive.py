@@ -75,14 +75,19 @@ def asr(attack: IMC, model: torch.nn.Module) -> float:
         return float((model(attack.apply(x)).argmax(1) == 0).float().mean())
 
 
-@pytest.mark.xfail(reason="open (issue 25): the ABS adaptation collapses clean accuracy on the toy problem", strict=False)
-def test_every_adaptation_keeps_the_backdoor_and_the_accuracy_on_the_toy_problem() -> None:
+@pytest.mark.parametrize("adaptive", [
+    None, "strip", "abs",
+    # docs/adaptive.md: from fresh weights its PGD examples keep a LeNet at chance (on MNIST, retraining the clean
+    # model, it keeps 98.3% accuracy); strict, so a fix shows here
+    pytest.param("adversarial_retraining", marks=pytest.mark.xfail(
+        reason="open (issue 25): the adversarial-retraining adaptation collapses a model trained from scratch",
+        strict=True))])
+def test_an_adaptation_keeps_the_backdoor_and_the_accuracy_on_the_toy_problem(adaptive: str | None) -> None:
     x, labels = toy_test_images()
-    for adaptive in (None, *sorted(ADAPTATIONS.keys() - {"magnet"})):
-        attack, model = trained(adaptive)
-        with torch.no_grad():
-            accuracy = float((model(x).argmax(1) == labels).float().mean())
-        assert accuracy > 0.6 and asr(attack, model) > 0.6, adaptive
+    attack, model = trained(adaptive)
+    with torch.no_grad():
+        accuracy = float((model(x).argmax(1) == labels).float().mean())
+    assert accuracy > 0.6 and asr(attack, model) > 0.6, adaptive
 
 
 def test_the_strip_term_lowers_the_entropy_gap() -> None:
@@ -121,6 +126,36 @@ def test_the_abs_term_lowers_the_largest_neuron_elevation() -> None:
     assert term.feature_layers == ("conv2", "fc1", "fc2")  # ABS's default layers on LeNet
     plain, adapted = elevation(*trained(None), term), elevation(*trained("abs"), term)
     assert plain > 0 and adapted < 0.7 * plain
+
+
+def test_abs_weight_reaches_the_term_and_the_trojaned_models_key() -> None:
+    """attack.abs_weight scales ABS's elevation term (0 turns it off) and keys the trojaned model, so a model
+    trained at another weight is never reused."""
+    attack, model = trained(None)
+    terms = {}
+    for weight in (0.0, 0.1, 0.4):
+        imc = IMC(adaptive="abs", abs_weight=weight, trigger_optimisation="none", init="scratch", patch_size=4)
+        imc.adaptation.feature_layers = ("conv2", "fc1", "fc2")
+        x, labels = toy_test_images()
+        stamped = torch.cat([x, attack.apply(x)])
+        with torch.no_grad():
+            outputs = model.features(stamped, [*imc.adaptation.feature_layers, LOGITS])
+        batch = Batch(stamped, torch.cat([labels, labels]), torch.arange(len(stamped)) >= len(x), outputs)
+        terms[weight] = float(imc.extra_loss(batch)["abs_elevation"])
+    assert terms[0.0] == 0.0 and terms[0.1] > 0
+    assert terms[0.4] == pytest.approx(4 * terms[0.1])
+    keys = set()
+    for weight in ("0.1", "0.2"):
+        experiment = prepare(compose_config([*TINY_RUN, "attack=imc", "attack.adaptive=abs",
+                                             f"attack.abs_weight={weight}"]))
+        keys.add(experiment.services.trojan_key())
+    assert len(keys) == 2
+
+
+def test_a_negative_abs_weight_is_refused() -> None:
+    with pytest.raises(ConfigError) as info:
+        prepare(compose_config([*TINY_RUN, "attack=imc", "attack.adaptive=abs", "attack.abs_weight=-0.5"]))
+    assert info.value.field == "attack.abs_weight" and "-0.5" in str(info.value)
 
 
 def test_the_adversarial_term_lowers_the_adversarial_loss() -> None:

@@ -157,6 +157,8 @@ class IMC(TrojanNN):
         trigger_optimisation: ``none``, ``before`` or ``co`` (default), see above.
         skip_gamma: the skip connections' gradient factor, or null (default), see above.
         adaptive: the defense IMC adapts to, or null (default), see above.
+        abs_weight: under ``adaptive: abs``, the weight of ABS's elevation term (default 0.1,
+            :class:`~bdlab.attacks.adaptive.AbsAdaptation`).
         layer, neuron_count, target_value, preprocess_lr, preprocess_iter, threshold,
             preprocess_images, init: the initial trigger, see :class:`~bdlab.attacks.trojannn.TrojanNN`.
         patch_size, position, margin, alpha, poison_rate, target_class, seed, enhance,
@@ -168,7 +170,7 @@ class IMC(TrojanNN):
 
     def __init__(self, learn_mask: bool = False, trigger_lr: float = 20 / 255, trigger_steps: int = 20,
                  trigger_every: int = 50, trigger_optimisation: str = "co", skip_gamma: float | None = None,
-                 adaptive: str | None = None, **kwargs: Any) -> None:
+                 adaptive: str | None = None, abs_weight: float = 0.1, **kwargs: Any) -> None:
         self.trigger: TriggerParameters | None = None  # the trainable trigger, from setup on
         super().__init__(**kwargs)
         check_range("attack.trigger_lr", trigger_lr, 0.0, 1.0, low_open=True)
@@ -185,8 +187,9 @@ class IMC(TrojanNN):
         self.trigger_steps, self.trigger_every = int(trigger_steps), int(trigger_every)
         self.trigger_optimisation = trigger_optimisation
         self.skip_gamma = None if skip_gamma is None else float(skip_gamma)
-        self.adaptive = adaptive
-        self.adaptation: Adaptation = adaptation(adaptive)
+        check_at_least("attack.abs_weight", abs_weight, 0.0)
+        self.adaptive, self.abs_weight = adaptive, float(abs_weight)
+        self.adaptation: Adaptation = adaptation(adaptive, self.abs_weight)
         self.skip_scale = SkipGradientScale(self.skip_gamma) if self.skip_gamma is not None else None
 
     def setup(self, data: DatasetSplits, resources: RunServices | None = None) -> None:
