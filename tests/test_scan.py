@@ -411,18 +411,20 @@ def test_a_verdict_carries_the_true_targets_signed_aiv() -> None:
     assert math.isnan(runner.verdict_of(entry(None, None), "nc", inspector, result, None).target_aiv)
 
 
+def scored_population(side: str, trojaned: list[float], clean: list[float]) -> list[Verdict]:
+    """Verdicts with only their most suspicious score (``top_score``) on the scanner's ``side``."""
+    return [Verdict(f"t{i}", "s", top_score=x, suspicious=side, trojaned=True) for i, x in enumerate(trojaned)] + \
+        [Verdict(f"c{i}", "s", top_score=x, suspicious=side, trojaned=False) for i, x in enumerate(clean)]
+
+
 def test_the_score_auc_ranks_the_most_suspicious_score_across_models() -> None:
     """score_auc ranks models by their most suspicious class's own score: a small trigger on the low side, a high
     REASR on the high side; a two-sided scanner has no direction (n/a), and one undefined score makes it n/a."""
-    def population(side: str, trojaned: list[float], clean: list[float]) -> list[Verdict]:
-        return [Verdict(f"t{i}", "s", top_score=x, suspicious=side, trojaned=True) for i, x in enumerate(trojaned)] + \
-            [Verdict(f"c{i}", "s", top_score=x, suspicious=side, trojaned=False) for i, x in enumerate(clean)]
-
     # in 3 + 3 + 1 of the 9 (trojaned, clean) pairs the trojaned model's trigger is the smaller
-    small_triggers = population("low", [5, 8, 30], [20, 25, 40])
+    small_triggers = scored_population("low", [5, 8, 30], [20, 25, 40])
     assert population_metrics(small_triggers)["score_auc"] == pytest.approx(7 / 9)
-    assert population_metrics(population("high", [5, 8, 30], [20, 25, 40]))["score_auc"] == pytest.approx(2 / 9)
-    assert math.isnan(population_metrics(population("both", [5, 8, 30], [20, 25, 40]))["score_auc"])
+    assert population_metrics(scored_population("high", [5, 8, 30], [20, 25, 40]))["score_auc"] == pytest.approx(2 / 9)
+    assert math.isnan(population_metrics(scored_population("both", [5, 8, 30], [20, 25, 40]))["score_auc"])
     assert math.isnan(roc_auc(small_triggers + [Verdict("x", "s", suspicious="low", trojaned=False)], by="score"))
     fpr, tpr = roc_curve(small_triggers, by="score")
     assert any(f == 0.0 and t == pytest.approx(2 / 3) for f, t in zip(fpr, tpr))  # the 2 smallest are trojaned
@@ -432,18 +434,14 @@ def test_the_score_auc_ranks_the_most_suspicious_score_across_models() -> None:
 def test_the_score_accuracy_is_calibrated_leave_one_out() -> None:
     """Each model is judged by the threshold best on the others: separable scores give 100%, scores on the wrong
     side 0% (a learned rule cannot invert them), and an overlap costs more than an in-sample threshold would."""
-    def population(side: str, trojaned: list[float], clean: list[float]) -> list[Verdict]:
-        return [Verdict(f"t{i}", "s", top_score=x, suspicious=side, trojaned=True) for i, x in enumerate(trojaned)] + \
-            [Verdict(f"c{i}", "s", top_score=x, suspicious=side, trojaned=False) for i, x in enumerate(clean)]
-
-    assert population_metrics(population("low", [1, 2, 3], [10, 11, 12]))["score_accuracy"] == 100.0
-    assert population_metrics(population("high", [1, 2, 3], [10, 11, 12]))["score_accuracy"] == 0.0
+    assert population_metrics(scored_population("low", [1, 2, 3], [10, 11, 12]))["score_accuracy"] == 100.0
+    assert population_metrics(scored_population("high", [1, 2, 3], [10, 11, 12]))["score_accuracy"] == 0.0
     # sizes 1T 2T 3T 10C 11T 12C 15C 16C: in-sample "size < 6.5" is right on 7 of 8. Left out, 11T meets
     # "< 6.5", 10C "< 11.5", 12C "< 13" (a tie broken towards calling more trojaned); the rest are right: 5 of 8
-    overlap = population("low", [1, 2, 3, 11], [10, 12, 15, 16])
+    overlap = scored_population("low", [1, 2, 3, 11], [10, 12, 15, 16])
     assert population_metrics(overlap)["score_accuracy"] == 62.5
-    assert math.isnan(population_metrics(population("both", [1, 2], [3, 4]))["score_accuracy"])
-    assert math.isnan(population_metrics(population("low", [1, 2], []))["score_accuracy"])
+    assert math.isnan(population_metrics(scored_population("both", [1, 2], [3, 4]))["score_accuracy"])
+    assert math.isnan(population_metrics(scored_population("low", [1, 2], []))["score_accuracy"])
 
 
 def test_a_model_is_called_trojaned_only_when_the_scanner_flags_a_class() -> None:
