@@ -223,7 +223,7 @@ ADAPTATIONS: dict[str, type[Adaptation]] = {cls.name: cls for cls in
                                             (MagNetAdaptation, AdversarialAdaptation, StripAdaptation, AbsAdaptation)}
 
 
-def adaptation(name: str | None, abs_weight: float = 0.1) -> Adaptation:
+def adaptation(name: str | None, abs_weight: float) -> Adaptation:
     """The adaptation to defense ``name`` (:class:`Adaptation`, which changes nothing, for None); ``abs_weight`` is
     :class:`AbsAdaptation`'s ``weight``."""
     if name is None:

@@ -1,6 +1,6 @@
 """A scan's pictures: the ROC curves of every scanner on one plot (a panel per score), and the scanner x
-attack-family detection rates as a heatmap on the fixed 0-100 scale of rates (:mod:`bdlab.reporting.scales`). Bare ``Figure`` objects
-(no pyplot): no GUI backend on servers."""
+attack-family detection rates as a heatmap on the fixed 0-100 scale of rates (:mod:`bdlab.reporting.scales`).
+Bare ``Figure`` objects (no pyplot): no GUI backend on servers."""
 
 from __future__ import annotations
 

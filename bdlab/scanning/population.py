@@ -2,7 +2,8 @@
 
 A scanner *calls* a model trojaned when it flags a class. For most scanners that is the model's largest anomaly
 index on the scanner's suspicious side (``aiv_max``) above its ``aiv_threshold`` (2, Neural Cleanse's rule, Wang et
-al. S&P 2019 §IV-C); a scanner with a criterion of its own besides (ABS: REASR >= 50%) flags fewer. Over the models whose ground truth is known and whose scan succeeded, per scanner:
+al. S&P 2019 §IV-C); a scanner with a criterion of its own besides (ABS: REASR >= 50%) flags fewer. Over the
+models whose ground truth is known and whose scan succeeded, per scanner:
 
 - ``accuracy``: % of models called correctly (trojaned as trojaned, clean as clean);
 - ``tpr``: % of trojaned models called trojaned; ``fpr``: % of clean models called trojaned;
@@ -48,8 +49,8 @@ class Verdict:
     it; ``target_aiv`` is the true target's AIV, signed (negative where the target is off the suspicious side, as a
     target whose trigger came out larger than the median; NaN without a known target); ``seconds`` is the scan's
     running time. ``top_score`` is the most suspicious class's score (the smallest on the ``low`` side, the
-    largest on the ``high`` side; NaN for a ``both``-sided scanner) and ``suspicious`` that side. A failed scan has ``status`` ``failed``, its ``error``, and NaN
-    figures.
+    largest on the ``high`` side; NaN for a ``both``-sided scanner) and ``suspicious`` that side. A failed scan
+    has ``status`` ``failed``, its ``error``, and NaN figures.
     """
 
     name: str
@@ -118,11 +119,16 @@ def scored(verdicts: Iterable[Verdict], by: str = "aiv") -> tuple[list[float], l
     return scores, [int(bool(v.trojaned)) for v in known]
 
 
+def rankable(scores: Sequence[float], truth: Sequence[int]) -> bool:
+    """Whether the models can be ranked by these scores: both kinds of model are present, every score defined."""
+    return len(set(truth)) == 2 and not any(math.isnan(score) for score in scores)
+
+
 def roc_auc(verdicts: Iterable[Verdict], by: str = "aiv") -> float:
-    """ROC-AUC of the ``by`` score (:func:`scored`; trojaned is the positive class); NaN unless both kinds of
-    model are present and every score is defined."""
+    """ROC-AUC of the ``by`` score (:func:`scored`; trojaned is the positive class); NaN unless
+    :func:`rankable`."""
     scores, truth = scored(verdicts, by)
-    if len(set(truth)) < 2 or any(math.isnan(score) for score in scores):
+    if not rankable(scores, truth):
         return math.nan
     return float(binary_auroc(ranked(scores), torch.tensor(truth)))
 
@@ -130,7 +136,7 @@ def roc_auc(verdicts: Iterable[Verdict], by: str = "aiv") -> float:
 def roc_curve(verdicts: Iterable[Verdict], by: str = "aiv") -> tuple[list[float], list[float]] | None:
     """The ROC curve of the ``by`` score as (FPR, TPR) points in [0, 1]; None where :func:`roc_auc` is NaN."""
     scores, truth = scored(verdicts, by)
-    if len(set(truth)) < 2 or any(math.isnan(score) for score in scores):
+    if not rankable(scores, truth):
         return None
     fpr, tpr, _ = binary_roc(ranked(scores), torch.tensor(truth))
     return fpr.tolist(), tpr.tolist()
@@ -158,9 +164,9 @@ def best_threshold(scores: torch.Tensor, truth: torch.Tensor) -> float:
 
 def calibrated_accuracy(verdicts: Iterable[Verdict]) -> float:
     """Leave-one-out detection accuracy (%) of a threshold on :attr:`Verdict.suspicion` (``score_accuracy``); NaN
-    where :func:`roc_auc` by score is (both kinds of model and every score defined are needed)."""
+    unless :func:`rankable`."""
     scores, truth = scored(verdicts, "score")
-    if len(set(truth)) < 2 or any(math.isnan(score) for score in scores):
+    if not rankable(scores, truth):
         return math.nan
     values, labels = torch.tensor(scores, dtype=torch.float64), torch.tensor(truth, dtype=torch.float64)
     keep = torch.ones(len(truth), dtype=torch.bool)

@@ -40,7 +40,8 @@ def print_summary(summary: dict[str, Any], output_dir: Path) -> None:
         failed = f", {figures['n_failed']} failed" if figures["n_failed"] else ""
         print(f"{scanner}: {cached['cached']} of {cached['of']} cached{failed}; accuracy "
               f"{show(figures['accuracy'], '%')}, TPR {show(figures['tpr'], '%')}, FPR {show(figures['fpr'], '%')}, "
-              f"ROC-AUC {show(figures['auc'], '', 3)} (score {show(figures['score_auc'], '', 3)}), {show(figures['mean_s'], ' s/model')}")
+              f"ROC-AUC {show(figures['auc'], '', 3)} (score {show(figures['score_auc'], '', 3)}), "
+              f"{show(figures['mean_s'], ' s/model')}")
     print(f"results: {output_dir / SCAN_CSV} ({SCAN_MD}, {SCAN_JSON})")
 
 
