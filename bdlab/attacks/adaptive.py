@@ -117,7 +117,9 @@ class AdversarialAdaptation(Adaptation):
     :class:`~bdlab.defenses.model_sanitisation.adversarial_retraining.AdversarialTraining`, torchattacks'
     PGD, and its per-dataset budget: 0.3 / 0.05 x 10 grey, 8/255 / 2/255 x 7 colour); the poisoned images
     keep the trigger and the target label. The radius grows linearly over the first ``warmup_epochs``, as
-    the defense's does.
+    the defense's does. It trains only where a robust model exists at that budget: on MNIST from scratch or
+    from the clean model, not on faint gratings whose classes lie within twice the radius of each other
+    (docs/adaptive.md).
 
     Args:
         warmup_epochs: epochs of the radius ramp (default 1, the defense's).
